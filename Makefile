@@ -1,0 +1,29 @@
+# Quick start: `make demo` (set-up plus the main job on built-in data), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned: on our machines a CPU build of 2.13.0 lies on local disk, while an
+# unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) examples/stream_demo.py
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) benchmarks/memory_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache results

@@ -1,0 +1,33 @@
+"""Pure-PyTorch streaming: exact tiled forward and backward of local CNN trunks.
+
+Nothing here imports Lightning.
+"""
+
+from .errors import NotLocalError, StreamingError, StreamingMismatchError, TileTooSmallError
+from .graph import TrunkGeometry, geometry_of
+from .plan import Segment, TilePlan
+from .rules import OpCall, OpGeometry, Refusal, pixelwise, register_module_rule
+from .stream import stream, tile_plan
+from .verify import VerificationReport, verify
+from .window import Window
+
+__all__ = [
+    "NotLocalError",
+    "OpCall",
+    "OpGeometry",
+    "Refusal",
+    "Segment",
+    "StreamingError",
+    "StreamingMismatchError",
+    "TileTooSmallError",
+    "TilePlan",
+    "TrunkGeometry",
+    "VerificationReport",
+    "Window",
+    "geometry_of",
+    "pixelwise",
+    "register_module_rule",
+    "stream",
+    "tile_plan",
+    "verify",
+]

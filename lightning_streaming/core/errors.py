@@ -1,0 +1,18 @@
+"""Exceptions raised by the streaming core; each message names the problem and the fix."""
+
+
+class StreamingError(Exception):
+    """Base class of every error raised by ``lightning_streaming``."""
+
+
+class NotLocalError(StreamingError, ValueError):
+    """The trunk contains an operation whose output at a pixel depends on far-away pixels,
+    on the input's size, or on randomness, so tiles could not reproduce it exactly."""
+
+
+class TileTooSmallError(StreamingError, ValueError):
+    """The tile cannot hold the receptive field of even one output pixel."""
+
+
+class StreamingMismatchError(StreamingError, AssertionError):
+    """:func:`~lightning_streaming.verify` found streamed and conventional results that differ."""

@@ -1,0 +1,276 @@
+"""The streamed computation: tiled forward under no_grad, tiled recompute-and-backward."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .graph import TrunkGeometry, geometry_of
+from .plan import Segment, TilePlan, normalise_tile_size, plan_tiles
+
+Tile = tuple[Segment, ...]
+_MAX_PLANS_PER_TRUNK = 64
+
+
+def _region_index(tile: Tile) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(slice(s.start, s.stop) for s in tile)
+
+
+def _output_index(tile: Tile) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(slice(s.out_start, s.out_stop) for s in tile)
+
+
+def _crop_index(tile: Tile) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(
+        slice(s.out_start - s.out_offset, s.out_stop - s.out_offset) for s in tile
+    )
+
+
+class _TileRunner:
+    """Runs the trunk on the tiles of one plan; shared by the forward and the backward."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        plan: TilePlan,
+        params: list[Tensor],
+        device: torch.device,
+        transform: Callable[[Tensor], Tensor] | None,
+    ):
+        self.module, self.plan, self.params = module, plan, params
+        self.device, self.transform = device, transform
+        self.tiles = list(plan)
+        self.autocast = (
+            device.type,
+            torch.is_autocast_enabled(device.type),
+            torch.get_autocast_dtype(device.type),
+        )
+
+    def run(self, region: Tensor, tile: Tile) -> Tensor:
+        """The trunk's exact output on ``tile``'s output box."""
+        inputs = region if self.transform is None else self.transform(region)
+        out = self.module(inputs)
+        crop = out[_crop_index(tile)]
+        expected = tuple(s.out_stop - s.out_start for s in tile)
+        if tuple(crop.shape[2:]) != expected:
+            raise RuntimeError(
+                f"internal error: a tile's output has shape {tuple(out.shape)}, which does not cover the planned "
+                f"box {expected}; please report this with the trunk's definition"
+            )
+        return crop
+
+    def read(self, x: Tensor, tile: Tile) -> Tensor:
+        return x[_region_index(tile)].to(self.device, non_blocking=True)
+
+    def forward(self, x: Tensor, keep_graphs: int = 0, requires_input_grad: bool = False):
+        """Tiled forward. The graphs of the last ``keep_graphs`` tiles are kept (the backward
+        visits them first), the rest run under no_grad."""
+        output = None
+        kept: dict[int, tuple[Tensor, Tensor]] = {}
+        first_kept = len(self.tiles) - keep_graphs
+        for index, tile in enumerate(self.tiles):
+            region = self.read(x, tile)
+            if index >= first_kept:
+                with torch.enable_grad():
+                    region = region.detach().requires_grad_(requires_input_grad)
+                    crop = self.run(region, tile)
+                kept[index] = (region, crop)
+            else:
+                with torch.no_grad():
+                    crop = self.run(region, tile)
+            if output is None:
+                shape = tuple(crop.shape[:2]) + self.plan.output_shape
+                output = torch.empty(shape, dtype=crop.dtype, device=crop.device)
+            output[_output_index(tile)] = crop.detach()
+        return output, kept
+
+    def backward(
+        self,
+        x: Tensor,
+        grad_output: Tensor,
+        kept: dict[int, tuple[Tensor, Tensor]],
+        needs_param_grad: Sequence[bool],
+        needs_input_grad: bool,
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Recompute each tile with grad and backpropagate its slice of ``grad_output``;
+        sum the parameter gradients locally so each parameter gets one gradient."""
+        wanted = [p for p, need in zip(self.params, needs_param_grad) if need]
+        sums: list[Tensor | None] = [None] * len(wanted)
+        grad_input = torch.zeros_like(x) if needs_input_grad else None
+        device_type, enabled, dtype = self.autocast
+        for index in reversed(range(len(self.tiles))):
+            tile = self.tiles[index]
+            if index in kept:
+                region, crop = kept.pop(index)
+            else:
+                with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    region = self.read(x, tile).detach().requires_grad_(needs_input_grad)
+                    crop = self.run(region, tile)
+            inputs = wanted + ([region] if needs_input_grad else [])
+            if not inputs or not crop.requires_grad:
+                continue
+            grads = torch.autograd.grad(crop, inputs, grad_output[_output_index(tile)], allow_unused=True)
+            for i, grad in enumerate(grads[: len(wanted)]):
+                if grad is not None:
+                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+            if needs_input_grad and grads[-1] is not None:
+                grad_input[_region_index(tile)] += grads[-1].to(grad_input.device)
+            del crop, region, grads
+        result: list[Tensor | None] = []
+        found = iter(sums)
+        for param, need in zip(self.params, needs_param_grad):
+            grad = next(found) if need else None
+            result.append(torch.zeros_like(param) if need and grad is None else grad)
+        return grad_input, result
+
+
+class _StreamFunction(torch.autograd.Function):
+    """Trunk parameters are explicit inputs, so each gets its gradient once per backward."""
+
+    @staticmethod
+    def forward(ctx, runner: _TileRunner, keep_graphs: int, x: Tensor, *params: Tensor) -> Tensor:
+        output, kept = runner.forward(x, keep_graphs, requires_input_grad=ctx.needs_input_grad[2])
+        ctx.runner, ctx.kept = runner, kept
+        ctx.save_for_backward(x)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        (x,) = ctx.saved_tensors
+        grad_input, grad_params = ctx.runner.backward(
+            x, grad_output, ctx.kept, ctx.needs_input_grad[3:], ctx.needs_input_grad[2]
+        )
+        ctx.kept = {}
+        return (None, None, grad_input, *grad_params)
+
+
+def _trunk_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return fallback
+
+
+def _check_input(module: nn.Module, x: Tensor, device: torch.device, tile_device_given: bool, transform) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"stream() needs a tensor input of shape (N, C, *spatial), got {type(x).__name__}")
+    if x.dim() < 3 or x.dim() > 5:
+        raise ValueError(
+            f"stream() needs a batched input of shape (N, C, L), (N, C, H, W) or (N, C, D, H, W); got shape "
+            f"{tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0)"
+        )
+    if x.device != device and not tile_device_given:
+        raise ValueError(
+            f"the input is on {x.device} but the trunk's parameters are on {device}; move one of them, or pass "
+            f"tile_device={str(device)!r} to keep the image where it is and send tiles to the trunk one by one"
+        )
+    param = next(iter(module.parameters()), None)
+    if transform is None and (not x.is_floating_point()):
+        raise TypeError(
+            f"the input has dtype {x.dtype}; the trunk needs floating point. Pass transform= (for example a "
+            "per-pixel normalisation) to convert each tile, so the full float image never exists"
+        )
+    if (
+        transform is None
+        and param is not None
+        and param.is_floating_point()
+        and x.dtype != param.dtype
+        and not torch.is_autocast_enabled(device.type)
+    ):
+        raise TypeError(
+            f"the input has dtype {x.dtype} but the trunk's parameters have dtype {param.dtype}; cast one of them "
+            "(x.to(dtype) or trunk.to(dtype)), or run under torch.autocast for mixed precision"
+        )
+
+
+def tile_plan(module: nn.Module, input_shape: Sequence[int], tile_size: int | Sequence[int]) -> TilePlan:
+    """The :class:`TilePlan` that :func:`stream` uses for an input of ``input_shape``
+    (``(N, C, *spatial)``), without running anything."""
+    spatial = tuple(input_shape[2:])
+    geometry = geometry_of(module, len(spatial))
+    return _cached_plan(geometry, spatial, normalise_tile_size(tile_size, len(spatial)))
+
+
+def _cached_plan(geometry: TrunkGeometry, spatial: tuple[int, ...], tiles: tuple[int, ...]) -> TilePlan:
+    plans = geometry.__dict__.setdefault("_plans", {})
+    key = (spatial, tiles)
+    if key not in plans:
+        if len(plans) >= _MAX_PLANS_PER_TRUNK:
+            plans.pop(next(iter(plans)))
+        plans[key] = plan_tiles(geometry, spatial, tiles)
+    return plans[key]
+
+
+def stream(
+    module: nn.Module,
+    input: Tensor,
+    tile_size: int | Sequence[int],
+    *,
+    keep_graphs: int = 0,
+    tile_device: torch.device | str | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Compute ``module(input)`` tile by tile, with the same values and gradients.
+
+    The trunk's output is split into a balanced grid of disjoint tiles. For each tile the
+    trunk runs, under ``no_grad``, on the input region that tile's receptive field covers
+    (its start aligned to the trunk's cumulative stride, so every strided layer sees the
+    image's grid), and the exact part of its output is written into the full output. On
+    backward each tile is recomputed with grad and its slice of the output gradient is
+    backpropagated; per-tile parameter gradients are summed locally and returned once,
+    as for any autograd function input, so hooks, gradient accumulation and DDP behave
+    as for a conventional module.
+
+    What is exact: the output, the gradient of every trainable parameter of ``module``
+    (any batch size), and the input gradient when ``input.requires_grad``; all equal the
+    un-tiled computation up to floating-point summation order.
+
+    What is refused, with an error naming the operation (:class:`NotLocalError`): any
+    operation that is not local or not deterministic, found by tracing ``module`` with
+    torch.fx: BatchNorm/InstanceNorm in training mode, GroupNorm, global or adaptive
+    pooling, Dropout in training mode, circular padding, attention, operations that read a
+    feature map's shape, and operations without a geometry rule (register one with
+    :func:`register_module_rule`). A tile that cannot hold one output pixel's receptive
+    field raises :class:`TileTooSmallError` stating the minimum usable tile.
+
+    Cost: memory holds the input (where it lives), the output, the output gradient and
+    one tile's activations; no activation of the full image is ever held. Time is one
+    extra forward of the trunk plus the overlap (halo) between tiles; ``keep_graphs=k``
+    keeps the graphs of ``k`` tiles from the forward (``k`` tiles' activations more
+    memory) and saves their recomputation.
+
+    Args:
+        module: the trunk, a module of local operations mapping (N, C, *spatial) to
+            (N, C', *spatial'), with 1, 2 or 3 spatial dimensions.
+        input: the image batch, (N, C, *spatial), of any spatial size.
+        tile_size: largest input region per tile in pixels, halo included: an int for
+            every dimension or one per spatial dimension.
+        keep_graphs: number of tiles whose graphs the forward keeps for the backward.
+        tile_device: device to run tiles on when the input lives elsewhere (e.g. a
+            host-resident image streamed to the GPU); defaults to the trunk's device.
+        transform: per-pixel function applied to each tile before the trunk (e.g.
+            normalising a uint8 image), so the full float image never exists. It must be
+            pixel-wise: it is not analysed.
+
+    Returns:
+        ``module(input)``, computed tile by tile.
+    """
+    if not isinstance(keep_graphs, int) or keep_graphs < 0:
+        raise ValueError(f"keep_graphs must be a non-negative int, got {keep_graphs!r}")
+    if tile_device is not None:
+        device = torch.device(tile_device)
+    else:
+        device = _trunk_device(module, input.device if isinstance(input, Tensor) else torch.device("cpu"))
+    _check_input(module, input, device, tile_device is not None, transform)
+    plan = tile_plan(module, input.shape, tile_size)
+    params = [p for p in module.parameters() if p.requires_grad]
+    runner = _TileRunner(module, plan, params, device, transform)
+    if not torch.is_grad_enabled() or not (input.requires_grad or params):
+        with torch.no_grad():
+            return runner.forward(input)[0]
+    return _StreamFunction.apply(runner, min(keep_graphs, len(plan)), input, *params)
