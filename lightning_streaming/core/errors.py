@@ -11,7 +11,14 @@ class NotLocalError(StreamingError, ValueError):
 
 
 class TileTooSmallError(StreamingError, ValueError):
-    """The tile cannot hold the receptive field of even one output pixel."""
+    """The tile cannot hold the receptive field of even one output pixel.
+
+    ``minimum_tile`` is the smallest usable tile size, one int per spatial dimension.
+    """
+
+    def __init__(self, message: str, minimum_tile: tuple[int, ...]):
+        super().__init__(message)
+        self.minimum_tile = minimum_tile
 
 
 class StreamingMismatchError(StreamingError, AssertionError):

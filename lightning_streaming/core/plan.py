@@ -126,17 +126,14 @@ class _DimensionPlanner:
     def minimum_tile(self) -> int:
         return max(self.region(o, o).size for o in range(self.out_length))
 
-    def plan(self, tile: int) -> tuple[Segment, ...]:
+    def plan(self, tile: int) -> tuple[Segment, ...] | None:
+        """Balanced segments of at most ``tile`` pixels; None if ``tile`` is too small."""
         whole = self.region(0, self.out_length - 1)
         if whole.size <= tile:
             return (whole,)
         segments = self.greedy(tile)
         if segments is None:
-            raise TileTooSmallError(
-                f"tile size {tile} along spatial dimension {self.dim} is smaller than the trunk's receptive field "
-                f"plus alignment to its stride: the minimum usable tile for this image is {self.minimum_tile()} "
-                "pixels. Use a larger tile_size"
-            )
+            return None
         # Balance: the smallest limit that still needs no more tiles makes them nearly equal.
         count = len(segments)
         low, high = 1, tile
@@ -158,8 +155,14 @@ def plan_tiles(geometry: TrunkGeometry, spatial_shape: Sequence[int], tile_size:
     spatial_shape = tuple(int(s) for s in spatial_shape)
     tiles = normalise_tile_size(tile_size, geometry.spatial_dims)
     output_shape = geometry.output_shape(spatial_shape)
-    segments = tuple(
-        _DimensionPlanner(geometry, dim, length).plan(tile)
-        for dim, (length, tile) in enumerate(zip(spatial_shape, tiles))
-    )
+    planners = [_DimensionPlanner(geometry, dim, length) for dim, length in enumerate(spatial_shape)]
+    segments = tuple(planner.plan(tile) for planner, tile in zip(planners, tiles))
+    if any(s is None for s in segments):
+        minimum = tuple(planner.minimum_tile() for planner in planners)
+        raise TileTooSmallError(
+            f"tile_size {tiles} cannot hold the receptive field of one output pixel (plus alignment to the trunk's "
+            f"stride {geometry.alignment}) along every dimension: the minimum usable tile for this "
+            f"{'x'.join(map(str, spatial_shape))} input is {minimum}. Use a larger tile_size",
+            minimum,
+        )
     return TilePlan(spatial_shape, output_shape, tiles, segments)

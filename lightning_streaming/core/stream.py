@@ -6,7 +6,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan, normalise_tile_size, plan_tiles
@@ -41,6 +40,7 @@ class _TileRunner:
         transform: Callable[[Tensor], Tensor] | None,
     ):
         self.module, self.plan, self.params = module, plan, params
+        self.param_names = _parameter_names(module, params)
         self.device, self.transform = device, transform
         self.tiles = list(plan)
         self.autocast = (
@@ -49,10 +49,14 @@ class _TileRunner:
             torch.get_autocast_dtype(device.type),
         )
 
-    def run(self, region: Tensor, tile: Tile) -> Tensor:
-        """The trunk's exact output on ``tile``'s output box."""
+    def run(self, region: Tensor, tile: Tile, aliases: dict[str, Tensor] | None = None) -> Tensor:
+        """The trunk's exact output on ``tile``'s output box; with ``aliases``, computed
+        with those stand-ins for the parameters."""
         inputs = region if self.transform is None else self.transform(region)
-        out = self.module(inputs)
+        if aliases is None:
+            out = self.module(inputs)
+        else:
+            out = torch.func.functional_call(self.module, aliases, (inputs,))
         crop = out[_crop_index(tile)]
         expected = tuple(s.out_stop - s.out_start for s in tile)
         if tuple(crop.shape[2:]) != expected:
@@ -62,6 +66,12 @@ class _TileRunner:
             )
         return crop
 
+    def aliases(self) -> dict[str, Tensor]:
+        """Detached stand-ins for the trainable parameters. A tile's graph ends at these, not
+        at the parameters, so per-tile backward passes fire no parameter hooks (DDP's
+        among them); the summed gradient reaches the parameters once, through autograd."""
+        return {name: p.detach().requires_grad_() for name, p in zip(self.param_names, self.params)}
+
     def read(self, x: Tensor, tile: Tile) -> Tensor:
         return x[_region_index(tile)].to(self.device, non_blocking=True)
 
@@ -69,15 +79,16 @@ class _TileRunner:
         """Tiled forward. The graphs of the last ``keep_graphs`` tiles are kept (the backward
         visits them first), the rest run under no_grad."""
         output = None
-        kept: dict[int, tuple[Tensor, Tensor]] = {}
+        kept: dict[int, tuple[dict[str, Tensor], Tensor, Tensor]] = {}
         first_kept = len(self.tiles) - keep_graphs
         for index, tile in enumerate(self.tiles):
             region = self.read(x, tile)
             if index >= first_kept:
                 with torch.enable_grad():
+                    aliases = self.aliases()
                     region = region.detach().requires_grad_(requires_input_grad)
-                    crop = self.run(region, tile)
-                kept[index] = (region, crop)
+                    crop = self.run(region, tile, aliases)
+                kept[index] = (aliases, region, crop)
             else:
                 with torch.no_grad():
                     crop = self.run(region, tile)
@@ -91,25 +102,26 @@ class _TileRunner:
         self,
         x: Tensor,
         grad_output: Tensor,
-        kept: dict[int, tuple[Tensor, Tensor]],
+        kept: dict[int, tuple[dict[str, Tensor], Tensor, Tensor]],
         needs_param_grad: Sequence[bool],
         needs_input_grad: bool,
     ) -> tuple[Tensor | None, list[Tensor | None]]:
         """Recompute each tile with grad and backpropagate its slice of ``grad_output``;
         sum the parameter gradients locally so each parameter gets one gradient."""
-        wanted = [p for p, need in zip(self.params, needs_param_grad) if need]
+        wanted = [name for name, need in zip(self.param_names, needs_param_grad) if need]
         sums: list[Tensor | None] = [None] * len(wanted)
         grad_input = torch.zeros_like(x) if needs_input_grad else None
         device_type, enabled, dtype = self.autocast
         for index in reversed(range(len(self.tiles))):
             tile = self.tiles[index]
             if index in kept:
-                region, crop = kept.pop(index)
+                aliases, region, crop = kept.pop(index)
             else:
                 with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    aliases = self.aliases()
                     region = self.read(x, tile).detach().requires_grad_(needs_input_grad)
-                    crop = self.run(region, tile)
-            inputs = wanted + ([region] if needs_input_grad else [])
+                    crop = self.run(region, tile, aliases)
+            inputs = [aliases[name] for name in wanted] + ([region] if needs_input_grad else [])
             if not inputs or not crop.requires_grad:
                 continue
             grads = torch.autograd.grad(crop, inputs, grad_output[_output_index(tile)], allow_unused=True)
@@ -118,7 +130,7 @@ class _TileRunner:
                     sums[i] = grad if sums[i] is None else sums[i].add_(grad)
             if needs_input_grad and grads[-1] is not None:
                 grad_input[_region_index(tile)] += grads[-1].to(grad_input.device)
-            del crop, region, grads
+            del crop, region, grads, aliases
         result: list[Tensor | None] = []
         found = iter(sums)
         for param, need in zip(self.params, needs_param_grad):
@@ -138,14 +150,24 @@ class _StreamFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():
+            # A silent first-order answer would be wrong for gradient penalties and the like.
+            raise RuntimeError(
+                "stream() does not support double backward (create_graph=True): the tiles are recomputed "
+                "inside the backward. Compute higher-order gradients with the trunk run conventionally"
+            )
         (x,) = ctx.saved_tensors
         grad_input, grad_params = ctx.runner.backward(
             x, grad_output, ctx.kept, ctx.needs_input_grad[3:], ctx.needs_input_grad[2]
         )
         ctx.kept = {}
         return (None, None, grad_input, *grad_params)
+
+
+def _parameter_names(module: nn.Module, params: list[Tensor]) -> list[str]:
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for p in params]
 
 
 def _trunk_device(module: nn.Module, fallback: torch.device) -> torch.device:
