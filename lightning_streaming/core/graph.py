@@ -7,8 +7,12 @@ a given length, and which input pixels does a range of output pixels read.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -139,10 +143,24 @@ def _describe(node: fx.Node, root: nn.Module) -> str:
         where = f"method '.{node.target}()' (node '{node.name}')"
     else:
         where = f"operation '{getattr(node.target, '__name__', node.target)}' (node '{node.name}')"
-    trace = (node.stack_trace or "").strip().splitlines()
-    if len(trace) >= 2:
-        where += f", called at {trace[-2].strip()}: {trace[-1].strip()}"
+    frame = _user_frame(node.stack_trace or "")
+    if frame:
+        where += f", called at {frame}"
     return where
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(stack_trace: str) -> str | None:
+    """The innermost frame of the trace outside torch itself ("file:line: code")."""
+    lines = stack_trace.strip().splitlines()
+    found = None
+    for head, code in zip(lines, lines[1:]):
+        match = re.match(r'\s*File "(.+)", line (\d+), in', head)
+        if match and not match.group(1).startswith(_TORCH_DIR):
+            found = f"{match.group(1)}:{match.group(2)}: {code.strip()}"
+    return found
 
 
 def _flatten(value: Any) -> Iterator[Any]:
@@ -168,11 +186,33 @@ def _check_broadcast(axes: tuple, const: torch.Tensor) -> None:
             )
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+
+
+@contextlib.contextmanager
+def _hooks_suspended(module: nn.Module) -> Iterator[None]:
+    """Users' forward hooks (feature extractors, profilers) would run on fx proxies during
+    tracing and fail; they do not change geometry, so tracing runs without them."""
+    saved = []
+    for m in module.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            if hooks:
+                saved.append((m, name, hooks))
+                setattr(m, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
 def analyse(module: nn.Module, spatial_dims: int) -> TrunkGeometry:
     """Trace ``module`` and derive its :class:`TrunkGeometry`; raise :class:`NotLocalError`
     naming the first operation that cannot be streamed exactly."""
     try:
-        graph = _Tracer().trace(module)
+        with _hooks_suspended(module):
+            graph = _Tracer().trace(module)
     except Exception as error:  # torch.fx raises many types
         raise NotLocalError(
             f"could not trace the trunk {type(module).__name__} with torch.fx ({type(error).__name__}: {error}). "

@@ -64,8 +64,13 @@ class TilePlan:
 
 
 def normalise_tile_size(tile_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    sizes = (tile_size,) * spatial_dims if isinstance(tile_size, int) else tuple(tile_size)
-    if len(sizes) != spatial_dims or not all(isinstance(s, int) and s > 0 for s in sizes):
+    if isinstance(tile_size, int):
+        sizes = (tile_size,) * spatial_dims
+    elif isinstance(tile_size, (tuple, list)):
+        sizes = tuple(tile_size)
+    else:
+        sizes = ()
+    if len(sizes) != spatial_dims or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise ValueError(
             f"tile_size must be a positive int or a tuple of {spatial_dims} positive ints "
             f"(one per spatial dimension), got {tile_size!r}"
