@@ -7,11 +7,16 @@ from .errors import NotLocalError, StreamingError, StreamingMismatchError, TileT
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan
 from .rules import OpCall, OpGeometry, Refusal, pixelwise, register_module_rule
+from .statistics import ChannelMoments, channel_moments, trunk_layers, trunk_prefix
 from .stream import stream, tile_plan
 from .verify import VerificationReport, verify
 from .window import Window
 
 __all__ = [
+    "ChannelMoments",
+    "channel_moments",
+    "trunk_layers",
+    "trunk_prefix",
     "NotLocalError",
     "OpCall",
     "OpGeometry",
