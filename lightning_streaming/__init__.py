@@ -4,10 +4,14 @@ The public API lives here and only here.
 """
 
 from .core import (
+    ChannelMoments,
+    channel_moments,
+    trunk_layers,
     NotLocalError,
     OpCall,
     OpGeometry,
     Refusal,
+    RegionSource,
     Segment,
     StreamingError,
     StreamingMismatchError,
@@ -21,14 +25,27 @@ from .core import (
     tile_plan,
     verify,
 )
+from .lightning import (
+    StreamingDDPStrategy,
+    StreamingMixin,
+    StreamingSettings,
+    StreamingStrategy,
+    auto_tile_size,
+    estimate_tile_memory,
+    split_at,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelMoments",
+    "channel_moments",
+    "trunk_layers",
     "NotLocalError",
     "OpCall",
     "OpGeometry",
     "Refusal",
+    "RegionSource",
     "Segment",
     "StreamingError",
     "StreamingMismatchError",
@@ -41,4 +58,12 @@ __all__ = [
     "stream",
     "tile_plan",
     "verify",
+    # Lightning integration
+    "StreamingDDPStrategy",
+    "StreamingMixin",
+    "StreamingSettings",
+    "StreamingStrategy",
+    "auto_tile_size",
+    "estimate_tile_memory",
+    "split_at",
 ]
