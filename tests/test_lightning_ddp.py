@@ -17,9 +17,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_lightning_helpers import RankData, TinyClassifier, tiny_trunk, trainer_kwargs
+from test_lightning_helpers import one_thread, RankData, TinyClassifier, tiny_trunk, trainer_kwargs
 
 import lightning_streaming as ls
+
+assert one_thread  # an autouse fixture, imported to apply here
 
 pytestmark = pytest.mark.slow
 
