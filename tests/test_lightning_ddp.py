@@ -1,23 +1,36 @@
 """Exact multi-process training: "streaming_ddp" on CPU with gloo and 2 processes.
 
-Each test spawns 2 worker processes (a few seconds each). Workers are started with
-start_method="spawn": the default "popen" launcher re-runs the current command line in
-its workers, which under pytest would re-run the test session, and "fork" copies a parent
-whose OpenMP/intra-op thread pools are already running, which can deadlock. Spawned
-workers import the model and data from ``test_lightning_helpers`` (the tests directory is
-on sys.path, which spawn passes on), and save their final state to files the test reads.
+Starting a process that imports torch and Lightning costs seconds, so most scenarios run
+in ONE pair of worker processes, launched the way torchrun launches them: the test spawns
+2 workers with MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and LOCAL_RANK set, and in each
+worker ``Trainer(strategy=StreamingDDPStrategy(...), devices=2)`` sees an externally
+launched job (Lightning's default cluster environment) and runs its fits in-process, one
+after another, on one process group. Each fit saves every rank's final state to a file the
+tests read. One more test uses Lightning's own launcher with start_method="spawn" (the
+"streaming_ddp_spawn" path, which pickles the Trainer, strategy and model).
+
+Why not the other launchers inside pytest: the default "popen" launcher re-runs the current
+command line in its workers, which here would re-run the test session, and "fork" copies a
+parent whose OpenMP/intra-op thread pools are already running, which can deadlock.
+Workers import the model and data from ``test_lightning_helpers`` (the tests directory is
+on sys.path, which spawn passes on).
 """
 
 from __future__ import annotations
 
 import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_lightning_helpers import one_thread, RankData, TinyClassifier, tiny_trunk, trainer_kwargs
+from test_lightning_helpers import RankData, TinyClassifier, one_thread, tiny_trunk, trainer_kwargs
 
 import lightning_streaming as ls
 
@@ -27,22 +40,30 @@ pytestmark = pytest.mark.slow
 
 TILE = 24
 SHAPES = [(64, 48), (40, 56)]  # rank 0 and rank 1: different image sizes and tile counts
-MICRO = 2  # micro-batches per optimizer step (accumulate_grad_batches), one optimizer step per epoch
+MICRO = 2  # micro-batches per rank and epoch
 EPOCHS = 2
 LR, GAMMA = 0.1, 0.5
 
 
 def ddp_fit(
-    record_dir: str, epochs: int = EPOCHS, ckpt_path: str | None = None, callbacks=(), accumulate: int = MICRO, **ddp_kwargs
+    record_dir: Path,
+    *,
+    epochs: int = EPOCHS,
+    accumulate: int = MICRO,
+    ckpt_path: Path | None = None,
+    callbacks: tuple = (),
+    norm: str | None = None,
+    **ddp_kwargs,
 ) -> None:
-    # Double from the start: Lightning restores a checkpoint before precision="64-true" converts the
-    # model, so a float32 model would round the restored weights to float32.
-    model = TinyClassifier(lr=LR, scheduler=True, record_dir=record_dir, count_allreduce=True).double()
-    strategy = ls.StreamingDDPStrategy(
-        tile_size=TILE, start_method="spawn", process_group_backend="gloo", **ddp_kwargs
-    )
+    """A float64 streamed DDP fit on RankData, one optimizer step per epoch when accumulating."""
+    record_dir.mkdir(parents=True, exist_ok=True)
+    # Double from the start: Lightning restores a checkpoint before precision="64-true" converts
+    # the model, so a float32 model would round the restored weights to float32.
+    model = TinyClassifier(lr=LR, scheduler=True, norm=norm, record_dir=str(record_dir), count_allreduce=True).double()
+    # A short timeout turns a collective mismatch into an error instead of a hung test.
+    ddp_kwargs = {"process_group_backend": "gloo", "timeout": timedelta(seconds=120), **ddp_kwargs}
     trainer = pl.Trainer(
-        strategy=strategy,
+        strategy=ls.StreamingDDPStrategy(tile_size=TILE, **ddp_kwargs),
         max_epochs=epochs,
         accumulate_grad_batches=accumulate,
         precision="64-true",
@@ -52,8 +73,47 @@ def ddp_fit(
     trainer.fit(model, RankData(SHAPES, MICRO), ckpt_path=ckpt_path)
 
 
-def records(record_dir: str) -> list[dict]:
-    return [torch.load(os.path.join(record_dir, f"rank{r}.pt")) for r in range(2)]
+def scenarios(root: Path) -> dict:
+    checkpoint = root / "checkpoint"
+    return {
+        "uninterrupted": lambda: ddp_fit(root / "uninterrupted"),
+        # PyTorch's DDP fails with static_graph=True and no_sync (accumulation) even without
+        # streaming (pytorch/pytorch#143580), so static_graph runs without accumulation.
+        "static_graph": lambda: ddp_fit(root / "static_graph", accumulate=1, static_graph=True),
+        "find_unused_parameters": lambda: ddp_fit(root / "find_unused_parameters", find_unused_parameters=True),
+        "first_epoch": lambda: ddp_fit(
+            root / "first_epoch", epochs=1, callbacks=(ModelCheckpoint(dirpath=checkpoint, filename="last"),)
+        ),
+        "resumed": lambda: ddp_fit(root / "resumed", ckpt_path=checkpoint / "last.ckpt"),
+        "refused": lambda: ddp_fit(root / "refused", norm="batchnorm"),  # last: it fails on purpose
+    }
+
+
+def torchrun_style_worker(local_rank: int, root: str, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+        RANK=str(local_rank), LOCAL_RANK=str(local_rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    for name, run in scenarios(Path(root)).items():
+        try:
+            run()
+        except Exception:
+            (Path(root) / name).mkdir(parents=True, exist_ok=True)
+            (Path(root) / name / f"rank{local_rank}.error").write_text(traceback.format_exc())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(torchrun_style_worker, args=(str(root), find_free_network_port()), nprocs=2, start_method="spawn")
+    return root
+
+
+def records(record_dir: Path) -> list[dict]:
+    errors = sorted(record_dir.glob("*.error"))
+    assert not errors, errors[0].read_text()
+    return [torch.load(record_dir / f"rank{rank}.pt") for rank in range(2)]
 
 
 def parameters(record: dict) -> dict[str, torch.Tensor]:
@@ -79,14 +139,8 @@ def conventional_reference(accumulate: int = MICRO) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> list[dict]:
-    record_dir = str(tmp_path_factory.mktemp("ddp_uninterrupted"))
-    ddp_fit(record_dir)
-    return records(record_dir)
-
-
 def assert_exact_ddp(ranks: list[dict], accumulate: int = MICRO) -> None:
+    """Both ranks hold identical parameters, equal to the conventional reference."""
     first, second = parameters(ranks[0]), parameters(ranks[1])
     for name in first:
         assert torch.equal(first[name], second[name]), f"ranks differ in {name}"
@@ -95,64 +149,55 @@ def assert_exact_ddp(ranks: list[dict], accumulate: int = MICRO) -> None:
     for name, value in first.items():
         torch.testing.assert_close(value, reference[name].detach(), rtol=1e-10, atol=1e-12, msg=name)
         assert not torch.allclose(value, initial[name]), f"{name} did not train"
+    for record in ranks:
+        assert record["streamed_steps"] == [True] * (MICRO * EPOCHS)
 
 
-def test_ranks_agree_and_equal_conventional_step_on_union(uninterrupted):
+def test_ranks_agree_and_equal_conventional_step_on_union(runs):
     # The images of the two ranks really are tiled differently.
     plans = [ls.tile_plan(tiny_trunk(), (2, 3, *shape), TILE) for shape in SHAPES]
     assert len(plans[0]) > 1 and len(plans[1]) > 1 and plans[0].grid != plans[1].grid
-    for record in uninterrupted:
-        assert record["streamed_steps"] == [True] * (MICRO * EPOCHS)
-    assert_exact_ddp(uninterrupted)
+    assert_exact_ddp(records(runs / "uninterrupted"))
 
 
-def test_accumulation_micro_steps_skip_the_allreduce(uninterrupted):
+def test_accumulation_micro_steps_skip_the_allreduce(runs):
     # A counting comm hook: gradients are all-reduced once per optimizer step (one bucket
     # for this tiny model), never on the first micro-step, which runs under no_sync.
-    for record in uninterrupted:
+    for record in records(runs / "uninterrupted"):
         assert record["allreduce_after_batch"] == [0, 1, 1, 2]
 
 
-@pytest.mark.parametrize(
-    "ddp_kwargs, accumulate",
-    [
-        # PyTorch's DDP fails with static_graph=True and no_sync (accumulation) even without
-        # streaming (pytorch/pytorch#143580), so static_graph is tested without accumulation.
-        ({"static_graph": True}, 1),
-        ({"find_unused_parameters": True}, MICRO),
-    ],
-    ids=["static_graph", "find_unused_parameters"],
-)
-def test_static_graph_and_find_unused_parameters(tmp_path, ddp_kwargs, accumulate):
+@pytest.mark.parametrize("name, accumulate", [("static_graph", 1), ("find_unused_parameters", MICRO)])
+def test_static_graph_and_find_unused_parameters(runs, name, accumulate):
     # The trunk's parameters are inputs of the streamed autograd function, so DDP sees them
     # used (none is reported unused), and a static graph's delayed all-reduce is exact too.
-    ddp_fit(str(tmp_path), accumulate=accumulate, **ddp_kwargs)
-    ranks = records(str(tmp_path))
+    ranks = records(runs / name)
     assert_exact_ddp(ranks, accumulate)
-    expected = list(range(1, 2 * MICRO // accumulate + 1)) if accumulate == 1 else [0, 1, 1, 2]
-    assert ranks[0]["allreduce_after_batch"] == expected
+    assert ranks[0]["allreduce_after_batch"] == ([1, 2, 3, 4] if accumulate == 1 else [0, 1, 1, 2])
 
 
-def test_checkpoint_resume_continue_equals_uninterrupted(tmp_path, uninterrupted):
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir(), second.mkdir()
-    ddp_fit(str(first), epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])
-    ddp_fit(str(second), epochs=EPOCHS, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    resumed = records(str(second))
+def test_checkpoint_resume_continue_equals_uninterrupted(runs):
+    uninterrupted, resumed = records(runs / "uninterrupted"), records(runs / "resumed")
     assert resumed[0]["training_steps_run"] == MICRO  # only the second epoch ran
     for rank in range(2):
         expected, actual = parameters(uninterrupted[rank]), parameters(resumed[rank])
         for name in expected:
-            torch.testing.assert_close(actual[name], expected[name], rtol=1e-12, atol=1e-14, msg=name)
+            assert torch.equal(actual[name], expected[name]), name
 
 
-def test_refused_trunk_fails_at_fit_start(tmp_path):
+def test_refused_trunk_fails_at_fit_start(runs):
     # BatchNorm in training mode in the trunk: every worker fails in strategy.setup, before
     # DDP wraps the model and before any step, with the core's message.
-    model = TinyClassifier(norm="batchnorm", record_dir=str(tmp_path))
-    strategy = ls.StreamingDDPStrategy(tile_size=TILE, start_method="spawn", process_group_backend="gloo")
-    trainer = pl.Trainer(strategy=strategy, max_epochs=1, use_distributed_sampler=False, **trainer_kwargs(devices=2))
-    with pytest.raises(Exception, match="NotLocalError: cannot stream module '2' \\(BatchNorm2d\\)") as info:
-        trainer.fit(model, RankData(SHAPES, MICRO))
-    assert "_check_model" in str(info.value)
-    assert not os.listdir(tmp_path)  # no worker reached the end of training
+    for rank in range(2):
+        error = (runs / "refused" / f"rank{rank}.error").read_text()
+        assert "NotLocalError: cannot stream module '2' (BatchNorm2d)" in error and "in _check_model" in error
+        assert "training_step" not in error
+    assert not list((runs / "refused").glob("*.pt"))  # no worker reached the end of training
+
+
+def test_lightning_spawn_launcher_is_exact(tmp_path):
+    # Trainer(strategy="streaming_ddp_spawn") path: Lightning spawns and pickles everything.
+    ddp_fit(tmp_path, start_method="spawn")
+    ranks = records(tmp_path)
+    assert_exact_ddp(ranks)
+    assert ranks[1]["allreduce_after_batch"] == [0, 1, 1, 2]
