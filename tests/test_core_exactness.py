@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,3 +317,55 @@ def test_verify_detects_a_wrong_geometry(monkeypatch):
         ls.verify(table1_network(), (1, 3, 30, 30), 10)
     report = ls.verify(table1_network(), (1, 3, 30, 30), 10, raise_on_mismatch=False)
     assert not report.passed and "FAILED" in str(report)
+
+
+class MemmapSource(ls.RegionSource):
+    """A uint8 image on disk, read box by box: it is never loaded whole."""
+
+    def __init__(self, path, shape):
+        self.array = np.lib.format.open_memmap(path, mode="r")
+        self._shape = shape
+        self.reads = []
+
+    @property
+    def shape(self):
+        return self._shape
+
+    def read(self, region):
+        self.reads.append(tuple((s.start, s.stop) for s in region))
+        return torch.from_numpy(np.ascontiguousarray(self.array[(slice(None), slice(None), *region)]))
+
+
+def test_lazy_region_source_is_read_box_by_box_and_matches(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (2, 3, 61, 47), dtype=np.uint8)
+    np.save(tmp_path / "image.npy", image)
+    source = MemmapSource(tmp_path / "image.npy", image.shape)
+    trunk = resnet_trunk(depth=1).double()
+
+    def normalise(tile):
+        return tile.double() / 255 - 0.5
+
+    out = ls.stream(trunk, source, 48, transform=normalise)
+    out.sum().backward()
+    streamed = [p.grad.clone() for p in trunk.parameters()]
+    assert len(source.reads) == 2 * len(ls.tile_plan(trunk, image.shape, 48)) > 2  # forward + recompute
+    assert all((b - a) <= 48 for box in source.reads for a, b in box)
+    trunk.zero_grad()
+    expected = trunk(normalise(torch.from_numpy(image)))
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for a, b in zip(streamed, trunk.parameters()):
+        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
+    moments = ls.channel_moments(trunk, source, 48, "0", transform=normalise)
+    torch.testing.assert_close(moments.sum, ls.ChannelMoments.of(trunk[0](normalise(torch.from_numpy(image)))).sum)
+
+
+def test_region_source_returning_a_wrong_shape_is_reported():
+    class Broken(ls.RegionSource):
+        shape = (1, 3, 40, 40)
+
+        def read(self, region):
+            return torch.zeros(1, 3, 5, 5, dtype=torch.uint8)
+
+    with pytest.raises(ValueError, match=r"Broken.read.*returned \(1, 3, 5, 5\), expected a tensor of shape"):
+        ls.stream(table1_network(), Broken(), 16, transform=lambda t: t.float())

@@ -7,6 +7,7 @@ from .errors import NotLocalError, StreamingError, StreamingMismatchError, TileT
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan
 from .rules import OpCall, OpGeometry, Refusal, pixelwise, register_module_rule
+from .source import RegionSource
 from .statistics import ChannelMoments, channel_moments, trunk_layers, trunk_prefix
 from .stream import stream, tile_plan
 from .verify import VerificationReport, verify
@@ -21,6 +22,7 @@ __all__ = [
     "OpCall",
     "OpGeometry",
     "Refusal",
+    "RegionSource",
     "Segment",
     "StreamingError",
     "StreamingMismatchError",

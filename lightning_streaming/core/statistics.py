@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .graph import _fingerprint, _hooks_suspended, _Tracer
+from .source import RegionSource
 from .stream import _TileRunner, _trunk_device, tile_plan
 
 
@@ -102,7 +103,7 @@ def trunk_prefix(module: nn.Module, layer: str) -> fx.GraphModule:
 @torch.no_grad()
 def channel_moments(
     module: nn.Module,
-    input: Tensor,
+    input: Tensor | RegionSource,
     tile_size: int | Sequence[int],
     layer: str,
     *,
@@ -118,7 +119,7 @@ def channel_moments(
         print(moments.std)
     """
     prefix = trunk_prefix(module, layer)
-    device = torch.device(tile_device) if tile_device is not None else _trunk_device(module, input.device)
+    device = torch.device(tile_device) if tile_device is not None else _trunk_device(module, input.device if isinstance(input, Tensor) else torch.device("cpu"))
     runner = _TileRunner(prefix, tile_plan(prefix, input.shape, tile_size), [], device, transform)
     total = None
     for tile in runner.tiles:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan, normalise_tile_size, plan_tiles
+from .source import RegionSource, is_region_source
 
 Tile = tuple[Segment, ...]
 _MAX_PLANS_PER_TRUNK = 64
@@ -72,8 +73,19 @@ class _TileRunner:
         among them); the summed gradient reaches the parameters once, through autograd."""
         return {name: p.detach().requires_grad_() for name, p in zip(self.param_names, self.params)}
 
-    def read(self, x: Tensor, tile: Tile) -> Tensor:
-        return x[_region_index(tile)].to(self.device, non_blocking=True)
+    def read(self, x: Tensor | RegionSource, tile: Tile) -> Tensor:
+        if isinstance(x, Tensor):
+            region = x[_region_index(tile)]
+        else:
+            region = x.read(_region_index(tile)[2:])
+            expected = tuple(x.shape[:2]) + tuple(s.size for s in tile)
+            if not isinstance(region, Tensor) or tuple(region.shape) != expected:
+                got = tuple(region.shape) if isinstance(region, Tensor) else type(region).__name__
+                raise ValueError(
+                    f"{type(x).__name__}.read({_region_index(tile)[2:]}) returned {got}, expected a tensor of shape "
+                    f"{expected} (N, C, *region)"
+                )
+        return region.to(self.device, non_blocking=True)
 
     def forward(self, x: Tensor, keep_graphs: int = 0, requires_input_grad: bool = False):
         """Tiled forward. The graphs of the last ``keep_graphs`` tiles are kept (the backward
@@ -146,7 +158,10 @@ class _StreamFunction(torch.autograd.Function):
     def forward(ctx, runner: _TileRunner, keep_graphs: int, x: Tensor, *params: Tensor) -> Tensor:
         output, kept = runner.forward(x, keep_graphs, requires_input_grad=ctx.needs_input_grad[2])
         ctx.runner, ctx.kept = runner, kept
-        ctx.save_for_backward(x)
+        if isinstance(x, Tensor):
+            ctx.save_for_backward(x)
+        else:
+            ctx.source = x
         return output
 
     @staticmethod
@@ -157,7 +172,7 @@ class _StreamFunction(torch.autograd.Function):
                 "stream() does not support double backward (create_graph=True): the tiles are recomputed "
                 "inside the backward. Compute higher-order gradients with the trunk run conventionally"
             )
-        (x,) = ctx.saved_tensors
+        x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
         grad_input, grad_params = ctx.runner.backward(
             x, grad_output, ctx.kept, ctx.needs_input_grad[3:], ctx.needs_input_grad[2]
         )
@@ -178,21 +193,26 @@ def _trunk_device(module: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def _check_input(module: nn.Module, x: Tensor, device: torch.device, tile_device_given: bool, transform) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"stream() needs a tensor input of shape (N, C, *spatial), got {type(x).__name__}")
-    if x.dim() < 3 or x.dim() > 5:
+def _check_input(
+    module: nn.Module, x: Tensor | RegionSource, device: torch.device, tile_device_given: bool, transform
+) -> None:
+    source = is_region_source(x)
+    if not isinstance(x, Tensor) and not source:
+        raise TypeError(
+            f"stream() needs a tensor of shape (N, C, *spatial) or a RegionSource, got {type(x).__name__}"
+        )
+    if len(x.shape) < 3 or len(x.shape) > 5:
         raise ValueError(
             f"stream() needs a batched input of shape (N, C, L), (N, C, H, W) or (N, C, D, H, W); got shape "
             f"{tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0)"
         )
-    if x.device != device and not tile_device_given:
+    if not source and x.device != device and not tile_device_given:
         raise ValueError(
             f"the input is on {x.device} but the trunk's parameters are on {device}; move one of them, or pass "
             f"tile_device={str(device)!r} to keep the image where it is and send tiles to the trunk one by one"
         )
     param = next(iter(module.parameters()), None)
-    if transform is None and (not x.is_floating_point()):
+    if transform is None and not x.dtype.is_floating_point:
         raise TypeError(
             f"the input has dtype {x.dtype}; the trunk needs floating point. Pass transform= (for example a "
             "per-pixel normalisation) to convert each tile, so the full float image never exists"
@@ -230,7 +250,7 @@ def _cached_plan(geometry: TrunkGeometry, spatial: tuple[int, ...], tiles: tuple
 
 def stream(
     module: nn.Module,
-    input: Tensor,
+    input: Tensor | RegionSource,
     tile_size: int | Sequence[int],
     *,
     keep_graphs: int = 0,
@@ -269,7 +289,9 @@ def stream(
     Args:
         module: the trunk, a module of local operations mapping (N, C, *spatial) to
             (N, C', *spatial'), with 1, 2 or 3 spatial dimensions.
-        input: the image batch, (N, C, *spatial), of any spatial size.
+        input: the image batch, (N, C, *spatial), of any spatial size: a tensor, or a
+            :class:`RegionSource` that reads each tile's region on demand, so the image
+            is never held whole (no input gradient then).
         tile_size: largest input region per tile in pixels, halo included: an int for
             every dimension or one per spatial dimension.
         keep_graphs: number of tiles whose graphs the forward keeps for the backward.
@@ -292,7 +314,7 @@ def stream(
     plan = tile_plan(module, input.shape, tile_size)
     params = [p for p in module.parameters() if p.requires_grad]
     runner = _TileRunner(module, plan, params, device, transform)
-    if not torch.is_grad_enabled() or not (input.requires_grad or params):
+    if not torch.is_grad_enabled() or not (getattr(input, "requires_grad", False) or params):
         with torch.no_grad():
             return runner.forward(input)[0]
     return _StreamFunction.apply(runner, min(keep_graphs, len(plan)), input, *params)
