@@ -29,13 +29,15 @@ class StreamingMixin:
     Lightning's own and work unchanged. Override :meth:`forward` freely: call
     :meth:`forward_trunk` where the trunk runs.
 
-    Class attributes a model may set:
+    What a model may set:
 
-    - ``default_tile_size``: the tile size to use when the strategy does not set one
-      (tile size is a hardware concern, so the strategy's setting wins).
-    - ``tile_transform``: a per-pixel function (e.g. normalising uint8 pixels to float)
+    - ``default_tile_size`` (class attribute): the tile size to use when the strategy
+      does not set one (tile size is a hardware concern, so the strategy's setting wins).
+    - ``tile_transform``: a method ``tile_transform(self, tile)`` (or a callable assigned
+      in ``__init__``), a per-pixel function such as normalising uint8 pixels to float,
       applied to each tile on its device before the trunk, so the full float image never
-      exists. Conventionally it is applied to the whole input. It must be pixel-wise.
+      exists. Conventionally it is applied to the whole input. It must be pixel-wise: it
+      is not analysed.
 
     Example::
 
@@ -69,7 +71,8 @@ class StreamingMixin:
         if not isinstance(trunk, nn.Module) or not isinstance(head, nn.Module):
             missing = [name for name, m in (("trunk", trunk), ("head", head)) if not isinstance(m, nn.Module)]
             raise AttributeError(
-                f"{type(self).__name__} uses StreamingMixin but has no module attribute {' or '.join(map(repr, missing))}: "
+                f"{type(self).__name__} uses StreamingMixin but has no module attribute "
+                f"{' or '.join(map(repr, missing))}: "
                 "set self.trunk (the streamed, local layers) and self.head (the rest) in __init__, e.g. "
                 "self.trunk, self.head = lightning_streaming.split_at(network, 'layer2'), or override streaming_split()"
             )

@@ -7,6 +7,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
@@ -55,7 +57,9 @@ class StreamingSettings:
     ) -> None:
         _check_tile_size(tile_size, "tile_size")
         if not isinstance(keep_graphs, int) or isinstance(keep_graphs, bool) or keep_graphs < 0:
-            raise ValueError(f"keep_graphs must be a non-negative int (tiles whose graphs are kept), got {keep_graphs!r}")
+            raise ValueError(
+                f"keep_graphs must be a non-negative int (the number of tiles whose graphs are kept), got {keep_graphs!r}"
+            )
         if tile_size == "auto" and memory_budget is None:
             raise ValueError(
                 "tile_size='auto' needs memory_budget: the bytes one tile's working set may use, e.g. "
@@ -80,7 +84,9 @@ class StreamingSettings:
         # The 'auto' cache is keyed by id(trunk), which means nothing in another process.
         return {**self.__dict__, "_auto": OrderedDict()}
 
-    def resolve_tile_size(self, trunk: nn.Module, x: Tensor, device: torch.device, default: TileSize | None = None) -> TileSize:
+    def resolve_tile_size(
+        self, trunk: nn.Module, x: Tensor, device: torch.device, default: TileSize | None = None
+    ) -> TileSize:
         """The tile size for streaming ``trunk`` over ``x``: the strategy's, else the model's
         ``default``, else :data:`DEFAULT_TILE_SIZE`; 'auto' is solved for ``x``'s shape."""
         if self.tile_size is None:
@@ -131,11 +137,6 @@ class StreamingSettings:
         """Move ``batch`` to ``device``, except, with ``input_on_host``, image-shaped tensors
         (3 or more dimensions: ``(N, C, *spatial)``), which stay where the DataLoader put
         them and go to the device tile by tile."""
-        from lightning_fabric.utilities.apply_func import move_data_to_device
-        from lightning_utilities.core.apply_func import apply_to_collection
-
         if not self.input_on_host:
             return move_data_to_device(batch, device)
-        return apply_to_collection(
-            batch, Tensor, lambda t: t if t.dim() >= 3 else move_data_to_device(t, device)
-        )
+        return apply_to_collection(batch, Tensor, lambda t: t if t.dim() >= 3 else move_data_to_device(t, device))

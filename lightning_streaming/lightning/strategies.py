@@ -189,7 +189,7 @@ class StreamingDDPStrategy(DDPStrategy):
             strategy_registry.register(
                 name,
                 cls,
-                description=f"Streaming DDP (start_method '{start_method}'): the trunk runs tile by tile in each process",
+                description=f"Streaming DDP (start_method '{start_method}'): the trunk is streamed in each process",
                 override=True,
                 start_method=start_method,
             )
