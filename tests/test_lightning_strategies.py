@@ -271,3 +271,19 @@ def test_auto_tile_size_from_memory_budget(stream_calls):
     (call,) = stream_calls
     expected = ls.auto_tile_size(TinyClassifier().trunk.double(), shape, budget, input_dtype=torch.float64)
     assert call["tile_size"] == expected and call["plan"] > 1
+
+
+def test_lightning_cli_selects_the_strategies(monkeypatch):
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (pytorch-lightning[extra])")
+    from pytorch_lightning.cli import LightningCLI
+
+    def strategy(*args: str):
+        monkeypatch.setattr("sys.argv", ["train.py", *args])
+        return LightningCLI(TinyClassifier, run=False, save_config_callback=None).trainer.strategy
+
+    assert type(strategy("--trainer.strategy=streaming", "--trainer.accelerator=cpu")) is ls.StreamingStrategy
+    chosen = strategy(
+        "--trainer.strategy=lightning_streaming.StreamingDDPStrategy", "--trainer.strategy.tile_size=auto",
+        "--trainer.strategy.memory_budget=2GiB", "--trainer.accelerator=cpu", "--trainer.devices=2",
+    )  # fmt: skip
+    assert type(chosen) is ls.StreamingDDPStrategy and chosen.streaming.memory_budget == 2**31
