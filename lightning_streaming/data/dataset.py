@@ -158,7 +158,8 @@ class SlideDataset(Dataset):
         return [int(row.target) for row in self.manifest.rows]  # type: ignore[arg-type]
 
     def take_skipped(self) -> int:
-        """Samples skipped (under ``on_error="skip"``) since the last call, in all workers."""
+        """Requested samples that were bad and replaced (under ``on_error="skip"``) since the
+        last call, in all worker processes."""
         return self.skips.take()
 
     # -- items --------------------------------------------------------------------------
@@ -171,6 +172,8 @@ class SlideDataset(Dataset):
         index %= n
         for attempt in range(self.max_skips + 1):
             i = (index + attempt) % n
+            if attempt == 1:
+                self.skips.add()  # one per requested sample that was replaced
             if i in self._bad and self.on_error == "skip":
                 self._skip(i, self._bad[i], repeat=True)
                 continue
@@ -187,7 +190,6 @@ class SlideDataset(Dataset):
         )
 
     def _skip(self, index: int, reason: str, repeat: bool) -> None:
-        self.skips.add()
         row = self.manifest.rows[index]
         if repeat:
             log.debug("skipping %s (line %d) again: %s", row.slide, row.line, reason)
