@@ -228,8 +228,9 @@ class SlideDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader; none (``[]``, Lightning skips validation) without a val manifest."""
+        return self._loader("val") if self.manifests["val"] is not None else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
