@@ -27,6 +27,8 @@ from .resample import resample_area, source_span
 
 __all__ = ["Slide", "LevelChoice", "Region"]
 
+_BAND_BYTES = 64 * 2**20  # level pixels read at once when resampling a large region
+
 #: A box as one ``slice(start, stop)`` per axis, ``(rows, cols)``, in pixels at a spacing.
 Region = tuple[slice, slice]
 
@@ -268,10 +270,18 @@ class Slide:
         if not choice.resampled:
             return self._read_level(choice.level, r0, r1, c0, c1)
         in_size = self.level_dimensions[choice.level]
-        y0, y1 = source_span(r0, r1, choice.ratio[0], in_size[0])
         x0, x1 = source_span(c0, c1, choice.ratio[1], in_size[1])
-        pixels = self._read_level(choice.level, y0, y1, x0, x1)
-        return resample_area(pixels, (y0, x0), (r0, r1), (c0, c1), choice.ratio, in_size)
+        # Output rows in bands, so the level pixels held at once stay near _BAND_BYTES.
+        band = max(1, int(_BAND_BYTES / (3 * (x1 - x0) * choice.ratio[0])))
+        out = np.empty((r1 - r0, c1 - c0, 3), dtype=np.uint8)
+        for start in range(r0, r1, band):
+            stop = min(r1, start + band)
+            y0, y1 = source_span(start, stop, choice.ratio[0], in_size[0])
+            pixels = self._read_level(choice.level, y0, y1, x0, x1)
+            out[start - r0 : stop - r0] = resample_area(
+                pixels, (y0, x0), (start, stop), (c0, c1), choice.ratio, in_size
+            )
+        return out
 
     def _check_region(self, region: Region | None, choice: LevelChoice) -> tuple[tuple[int, int], tuple[int, int]]:
         h, w = choice.size
