@@ -253,7 +253,7 @@ def stream(
     input: Tensor | RegionSource,
     tile_size: int | Sequence[int],
     *,
-    keep_graphs: int = 0,
+    keep_graphs: int = 1,
     tile_device: torch.device | str | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
@@ -282,9 +282,12 @@ def stream(
 
     Cost: memory holds the input (where it lives), the output, the output gradient and
     one tile's activations; no activation of the full image is ever held. Time is one
-    extra forward of the trunk plus the overlap (halo) between tiles; ``keep_graphs=k``
-    keeps the graphs of ``k`` tiles from the forward (``k`` tiles' activations more
-    memory) and saves their recomputation.
+    extra forward of the trunk (for all tiles but the kept ones) plus the overlap (halo)
+    between tiles. ``keep_graphs=k`` keeps the graphs of the last ``k`` tiles from the
+    forward, so the backward, which visits them first, need not recompute them. The
+    default, 1, costs no extra peak memory (the backward holds one tile's graph anyway)
+    and removes the recomputation entirely when the image fits in one tile; each further
+    kept tile costs one tile's activations and saves one tile's recomputation.
 
     Args:
         module: the trunk, a module of local operations mapping (N, C, *spatial) to
@@ -294,7 +297,8 @@ def stream(
             is never held whole (no input gradient then).
         tile_size: largest input region per tile in pixels, halo included: an int for
             every dimension or one per spatial dimension.
-        keep_graphs: number of tiles whose graphs the forward keeps for the backward.
+        keep_graphs: number of tiles whose graphs the forward keeps for the backward
+            (default 1; 0 for the smallest memory while the head runs).
         tile_device: device to run tiles on when the input lives elsewhere (e.g. a
             host-resident image streamed to the GPU); defaults to the trunk's device.
         transform: per-pixel function applied to each tile before the trunk (e.g.
