@@ -120,25 +120,38 @@ class ColourJitter:
     def identity(self) -> bool:
         return (self.brightness, self.contrast, self.saturation, self.hue) == (1.0, 1.0, 1.0, 0.0)
 
-    def apply(self, image: Tensor) -> Tensor:
-        """Jitter a ``(..., 3, *spatial)`` uint8 image; returns uint8."""
-        x = image.to(torch.float32) / 255
-        r, g, b = x.unbind(dim=-3)
-        r, g, b = r * self.brightness, g * self.brightness, b * self.brightness
-        c = self.contrast
-        r, g, b = (r - 0.5) * c + 0.5, (g - 0.5) * c + 0.5, (b - 0.5) * c + 0.5
-        # YIQ: luma y, chroma (i, q); saturation scales chroma, hue rotates it.
-        y = 0.299 * r + 0.587 * g + 0.114 * b
-        i = 0.596 * r - 0.274 * g - 0.322 * b
-        q = 0.211 * r - 0.523 * g + 0.312 * b
+    def matrix(self) -> tuple[list[list[float]], list[float]]:
+        """The jitter as one affine map of RGB in [0, 1]: ``out = M @ rgb + b`` (all its
+        steps are linear; only the final result is clipped)."""
+        rgb_to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        yiq_to_rgb = np.linalg.inv(rgb_to_yiq)
         angle = 2 * np.pi * self.hue
-        cos, sin = float(np.cos(angle)) * self.saturation, float(np.sin(angle)) * self.saturation
-        i, q = cos * i - sin * q, sin * i + cos * q
-        r = y + 0.956 * i + 0.621 * q
-        g = y - 0.272 * i - 0.647 * q
-        b = y - 1.106 * i + 1.703 * q
-        out = torch.stack((r, g, b), dim=-3)
-        return (out * 255).round_().clamp_(0, 255).to(torch.uint8)
+        cos, sin = np.cos(angle) * self.saturation, np.sin(angle) * self.saturation
+        chroma = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+        colour = yiq_to_rgb @ chroma @ rgb_to_yiq
+        # x -> brightness * x -> contrast * (. - 0.5) + 0.5 -> colour @ .
+        scale = self.contrast * self.brightness
+        offset = 0.5 * (1 - self.contrast)
+        matrix = colour * scale
+        bias = colour @ np.full(3, offset)
+        return matrix.tolist(), bias.tolist()
+
+    def apply(self, image: Tensor) -> Tensor:
+        """Jitter a ``(..., 3, *spatial)`` uint8 image; returns uint8. Each output pixel is
+        the same fixed sequence of float32 operations on its own input pixel (no reduction
+        across pixels), so it does not depend on the region it is read in."""
+        matrix, bias = self.matrix()
+        x = image.to(torch.float32)
+        r, g, b = x.unbind(dim=-3)
+        channels = []
+        for row, offset in zip(matrix, bias):
+            # in 0..255 units: M x + 255 b
+            out = r * row[0]
+            out += g * row[1]
+            out += b * row[2]
+            out += 255 * offset
+            channels.append(out)
+        return torch.stack(channels, dim=-3).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class ColourSource(HostRegionSource):

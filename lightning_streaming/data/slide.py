@@ -339,16 +339,20 @@ class Slide:
                 ) from error
             block = _over_white(rgba)
             self._cache[key] = block
-            self._cached += block.nbytes
+            self._cached += _footprint(block)
             while self._cached > self.cache_bytes and len(self._cache) > 1:
-                self._cached -= self._cache.popitem(last=False)[1].nbytes
+                self._cached -= _footprint(self._cache.popitem(last=False)[1])
             return block
+
+
+def _footprint(block: np.ndarray) -> int:
+    return block.base.nbytes if isinstance(block.base, np.ndarray) else block.nbytes
 
 
 def _over_white(rgba: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's (non-premultiplied) RGBA over white, exactly, in integers."""
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     if alpha.min(initial=255) == 255:
-        return np.ascontiguousarray(rgb)
+        return rgb  # a view: the one copy is made when blocks are assembled
     a = alpha.astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
