@@ -266,3 +266,24 @@ def test_stats_command_prints_mean_and_std(cmu_manifest, capsys):
     assert main([str(cmu_manifest), "--spacing", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["slides"] == 2 and len(result["mean"]) == 3 and all(0.5 < m < 0.9 for m in result["mean"])
+
+
+def test_datamodule_shares_samples_between_processes(cmu_manifest, manifest_dir):
+    from types import SimpleNamespace
+
+    path = write_csv(manifest_dir / "five.csv", "slide,label\n" + "cmu_small_region.svs,0\n" * 3 + "small.svs,1\n" * 2)
+    seen = {}
+    for balanced in (False, True):
+        for rank in range(2):
+            data = ls.SlideDataModule(train=path, spacing=16.0, input_size=8, tissue=None, balanced=balanced, seed=4)
+            data.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what Lightning sets under DDP
+            sampler = data.train_dataloader().sampler
+            sampler.set_epoch(2)
+            seen[balanced, rank] = [index for index, epoch in sampler if epoch == 2]
+    assert len(seen[False, 0]) == len(seen[False, 1]) == 3
+    assert set(seen[False, 0] + seen[False, 1]) == set(range(5))  # disjoint shares (one padded), all covered
+    assert len(seen[True, 0]) == len(seen[True, 1]) == 3
+    with pytest.raises(ValueError, match="balanced=True needs task='classification'"):
+        ls.SlideDataModule(train=path, spacing=16.0, balanced=True, task="regression")
+    with pytest.raises(ValueError, match="batch_size > 1 needs input_size"):
+        ls.SlideDataModule(train=path, spacing=16.0, batch_size=2)

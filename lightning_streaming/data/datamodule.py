@@ -32,16 +32,17 @@ class _ReportingLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         dataset = self.dataset
         assert isinstance(dataset, SlideDataset)
-        _report(dataset, self.stage, pending=True)  # an epoch cut short (limit_*_batches)
+        _report(dataset, self.stage, None)  # from an iteration cut short (limit_*_batches, an interruption)
         yield from super().__iter__()
-        _report(dataset, self.stage, pending=False)
+        _report(dataset, self.stage, getattr(self.sampler, "epoch", dataset.epoch))
 
 
-def _report(dataset: SlideDataset, stage: str, pending: bool) -> None:
+def _report(dataset: SlideDataset, stage: str, epoch: int | None) -> None:
+    """Log the skipped count of a finished epoch (``epoch``), or of one that ended early (None)."""
     skipped = dataset.take_skipped()
     excluded = len(dataset.manifest.excluded)
-    if skipped or (excluded and not pending):
-        when = "before this epoch (an earlier epoch stopped early)" if pending else f"in epoch {dataset.epoch}"
+    if skipped or (excluded and epoch is not None):
+        when = f"in epoch {epoch}" if epoch is not None else "in an epoch that ended early"
         log.warning(
             "%s data (%s): %d bad sample(s) skipped and replaced %s, %d manifest row(s) left out; "
             "see the warnings above for which files and why",
@@ -122,6 +123,7 @@ class SlideDataModule(pl.LightningDataModule):
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
         check_on_error(on_error)
         if balanced and task != "classification":
             raise ValueError(f"balanced=True needs task='classification' (class labels), got task={task!r}")
@@ -240,4 +242,4 @@ class SlideDataModule(pl.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         for name, dataset in self.datasets.items():
-            _report(dataset, name, pending=True)
+            _report(dataset, name, None)

@@ -68,7 +68,11 @@ class SlideDataset(Dataset):
     ``"skip"`` logs a warning, returns the next good sample in its place (so batches and
     DDP processes stay in step) and counts it; :meth:`take_skipped` returns the count,
     and :class:`SlideDataModule` reports it at every epoch end. Manifest rows that do not
-    parse are handled the same way when the manifest is read.
+    parse are handled the same way when the manifest is read. With ``lazy=True`` the
+    dataset opens each slide and detects its tissue (which decodes a coarse view), but
+    the full-resolution pixels are decoded later, by the streamer in the training step:
+    damaged tiles found there raise :class:`SlideReadError` (naming the file and region)
+    whatever ``on_error`` says.
 
     Args:
         manifest: a :class:`Manifest` or the path of a CSV manifest.
