@@ -118,8 +118,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=51200, help="slide side in pixels at 0.5 um/px")
     parser.add_argument("--tile", type=int, default=4096, help="streaming tile size")
     parser.add_argument("--data", type=Path, default=REPO / ".data")
-    parser.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
-                        help="cap this process's address space (RLIMIT_AS) at GIB, to play a smaller machine")  # fmt: skip
+    parser.add_argument(
+        "--memory-limit", type=float, default=None, metavar="GIB",
+        help="cap this process's address space (RLIMIT_AS) at GIB, to play a smaller machine",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     slides = ls.example_slides(args.data)

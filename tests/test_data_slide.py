@@ -53,7 +53,8 @@ def test_pyramid_levels_are_read_exactly_and_resampled_by_area(pyramid):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
     slide = ls.Slide(pyramid(image, levels=3, mpp=0.25))
-    assert slide.level_count == 3 and [slide.level_spacing(i) for i in range(3)] == [(0.25, 0.25), (0.5, 0.5), (1.0, 1.0)]
+    assert slide.level_count == 3
+    assert [slide.level_spacing(i) for i in range(3)] == [(0.25, 0.25), (0.5, 0.5), (1.0, 1.0)]
     level1 = np.asarray(slide.read_array(0.5))
     assert level1.shape == (150, 130, 3)
     np.testing.assert_array_equal(level1, image.reshape(150, 2, 130, 2, 3).mean(axis=(1, 3)).astype(np.uint8))

@@ -106,10 +106,21 @@ class OrientedSource(HostRegionSource):
 
 @dataclass(frozen=True)
 class ColourJitter:
-    """Per-pixel colour changes: ``brightness`` and ``contrast`` factors, ``saturation``
-    factor, ``hue`` shift in turns. Contrast pivots on mid-grey (0.5), not on the image's
-    mean, so that it is the same function of a pixel wherever it is read; hue rotates the
-    chroma in YIQ space."""
+    """Per-pixel colour changes of uint8 RGB images. Contrast pivots on mid-grey (0.5), not
+    on the image's mean, so that it is the same function of a pixel wherever it is read;
+    hue rotates the chroma in YIQ space. All steps are linear, so the whole change is one
+    affine map (:meth:`matrix`), clipped once at the end.
+
+    Args:
+        brightness: factor on every channel (1: unchanged).
+        contrast: factor on the distance from mid-grey.
+        saturation: factor on the chroma (0: grey).
+        hue: rotation of the chroma, in turns.
+
+    Example::
+
+        jittered = ls.ColourJitter(brightness=1.1, hue=0.02).apply(image_uint8)
+    """
 
     brightness: float = 1.0
     contrast: float = 1.0

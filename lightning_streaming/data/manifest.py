@@ -151,13 +151,15 @@ class Manifest:
         rows, problems = [], []
         for line, record in records:
             try:
-                rows.append(_parse_row(path, line, record, slide_column, list(target_columns), task, classes, check_files))
+                row = _parse_row(path, line, record, slide_column, list(target_columns), task, classes, check_files)
+                rows.append(row)
             except (LabelParseError, SlideNotFoundError) as error:
                 problems.append(error)
         if problems and on_error == "raise":
             shown = "\n  ".join(str(p) for p in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            error_type = LabelParseError if any(isinstance(p, LabelParseError) for p in problems) else SlideNotFoundError
+            labels = any(isinstance(p, LabelParseError) for p in problems)
+            error_type = LabelParseError if labels else SlideNotFoundError
             raise error_type(
                 f"manifest {str(path)!r} has {len(problems)} bad row(s):\n  {shown}{more}\n"
                 "Fix the rows, or pass on_error='skip' to leave them out (each is logged and counted)",

@@ -90,7 +90,8 @@ class ClassBalancedSampler(DistributedSampler):
             raise ValueError("ClassBalancedSampler needs at least one non-negative class label")
         draws = int(num_samples) if num_samples is not None else labels.numel()
         num_replicas, rank = _world(num_replicas, rank)
-        super().__init__(range(draws), num_replicas, rank, shuffle=True, seed=seed, drop_last=False)  # type: ignore[arg-type]
+        dataset: Sequence[int] = range(draws)  # only its length matters
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
         counts = torch.bincount(labels).double()
         self.weights = 1.0 / counts[labels]
         self.draws = draws

@@ -240,7 +240,8 @@ class Slide:
         if abs(spacing / sy - 1) <= self.tolerance and abs(spacing / sx - 1) <= self.tolerance:
             return LevelChoice(float(spacing), level, (1.0, 1.0), (h, w))
         ratio = (spacing / sy, spacing / sx)
-        return LevelChoice(float(spacing), level, ratio, (max(1, math.floor(h / ratio[0])), max(1, math.floor(w / ratio[1]))))
+        size = (max(1, math.floor(h / ratio[0])), max(1, math.floor(w / ratio[1])))
+        return LevelChoice(float(spacing), level, ratio, size)
 
     def size(self, spacing: float) -> tuple[int, int]:
         """The image size at ``spacing`` um/px, ``(height, width)``."""
