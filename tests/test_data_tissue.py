@@ -78,3 +78,19 @@ def test_bad_settings_are_refused(example_slides):
         ls.detect_tissue(slide, 1.0, blur=-1)
     with pytest.raises(ValueError, match="ascending, disjoint"):
         ls.Layout(((10, 20), (15, 30)), ((0, 5),))
+
+
+def test_a_saved_mask_in_the_manifest_replaces_detection(cmu_mask, example_slides, tmp_path):
+    slide = ls.Slide(example_slides.cmu_small_region)
+    edited = ls.TissueMask(torch.zeros_like(cmu_mask.mask), 8.0, cmu_mask.threshold)
+    edited.mask[100:120, 40:60] = True  # keep one small region only
+    edited.save(tmp_path / "edited.npz")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide,label,tissue_mask\n{slide.path},1,edited.npz\n")
+    dataset = ls.SlideDataset(manifest, 4.0)
+    assert dataset.manifest.target_columns == ("label",)
+    assert dataset.layout(0) == ls.Layout(((200, 240),), ((80, 120),))
+    assert dataset[0][0].shape == (3, 40, 40)
+    manifest.write_text(f"slide,label,tissue_mask\n{slide.path},1,lost.npz\n")
+    with pytest.raises(ls.SlideNotFoundError, match=r"m.csv:2: tissue mask .*lost.npz' does not exist"):
+        ls.SlideDataset(manifest, 4.0)

@@ -214,7 +214,14 @@ class SlideDataset(Dataset):
         return slide
 
     def tissue_mask(self, index: int) -> TissueMask | None:
-        """The tissue mask of sample ``index`` (cached), or None without tissue detection."""
+        """The tissue mask of sample ``index``: the manifest's ``tissue_mask`` file if it
+        names one, else detected (and cached); None without tissue detection."""
+        saved = self.manifest.rows[index].tissue_mask
+        if saved is not None:
+            key = str(saved)
+            if key not in self._masks:
+                self._masks[key] = TissueMask.load(saved)
+            return self._masks[key]
         if self.tissue is None:
             return None
         slide = self.slide(index)

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 Task = Literal["classification", "multilabel", "regression"]
 _TASKS = ("classification", "multilabel", "regression")
+_OPTIONAL = ("base_spacing", "tissue_mask")
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,15 @@ class ManifestRow:
             (multilabel) or a float tensor of values (regression).
         line: the row's line number in the CSV (for messages).
         base_spacing: level-0 um/px from a ``base_spacing`` column, if any.
+        tissue_mask: a saved :class:`TissueMask` (``.npz``) from a ``tissue_mask`` column,
+            used instead of detecting tissue, if any.
     """
 
     slide: Path
     target: int | Tensor
     line: int
     base_spacing: float | None = None
+    tissue_mask: Path | None = None
 
 
 @dataclass
@@ -48,14 +52,16 @@ class Manifest:
 
     The CSV has a header. ``slide_column`` (default ``slide``) holds the slide path,
     absolute or relative to the CSV's folder. The target columns (default: every other
-    column except ``base_spacing``) hold:
+    column except ``base_spacing`` and ``tissue_mask``) hold:
 
     - ``classification``: one column, a class index (``0``, ``1``, ...) or a class name
       (mapped through ``classes``, default the sorted names found);
     - ``multilabel``: one 0/1 column per label;
     - ``regression``: one or more numbers.
 
-    An optional ``base_spacing`` column gives level-0 um/px for slides that record none.
+    An optional ``base_spacing`` column gives level-0 um/px for slides that record none;
+    an optional ``tissue_mask`` column names a mask saved with :meth:`TissueMask.save`
+    (e.g. edited by hand, or from annotations) to use instead of tissue detection.
 
     Problems (a missing slide file, a target that does not parse, an unknown class) are
     collected with their line numbers. With ``on_error="raise"`` the first ten are raised
@@ -66,7 +72,8 @@ class Manifest:
         path: the CSV file.
         task: ``"classification"``, ``"multilabel"`` or ``"regression"``.
         slide_column: the column holding slide paths.
-        target_columns: the target columns (default: all others but ``base_spacing``).
+        target_columns: the target columns (default: all but the slide, ``base_spacing``
+            and ``tissue_mask`` columns).
         classes: class names in index order (classification with names); needed so that
             validation and test manifests use the training manifest's indices.
         on_error: ``"raise"`` or ``"skip"``.
@@ -130,7 +137,7 @@ class Manifest:
                 path,
             )
         if target_columns is None:
-            target_columns = [c for c in header if c not in (slide_column, "base_spacing")]
+            target_columns = [c for c in header if c not in (slide_column, *_OPTIONAL)]
         missing = [c for c in target_columns if c not in header]
         if missing or not target_columns:
             raise ManifestError(
@@ -230,4 +237,12 @@ def _parse_row(
             base_spacing = math.nan
         if not (math.isfinite(base_spacing) and base_spacing > 0):
             raise LabelParseError(f"{where}: base_spacing={spacing_text!r} is not a positive number (um/px)", path)
-    return ManifestRow(slide.resolve(), target, line, base_spacing)
+    mask_text = (record.get("tissue_mask") or "").strip()
+    mask = None
+    if mask_text:
+        mask = Path(mask_text).expanduser()
+        mask = mask if mask.is_absolute() else path.parent / mask
+        if check_files and not mask.is_file():
+            raise SlideNotFoundError(f"{where}: tissue mask {str(mask)!r} does not exist", mask)
+        mask = mask.resolve()
+    return ManifestRow(slide.resolve(), target, line, base_spacing, mask)
