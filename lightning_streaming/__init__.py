@@ -27,6 +27,7 @@ from .core import (
 )
 from .lightning import (
     StreamingDDPStrategy,
+    StreamingLSUV,
     StreamingMixin,
     StreamingSettings,
     StreamingStrategy,
@@ -95,6 +96,7 @@ __all__ = [
     "verify",
     # Lightning integration
     "StreamingDDPStrategy",
+    "StreamingLSUV",
     "StreamingMixin",
     "StreamingSettings",
     "StreamingStrategy",

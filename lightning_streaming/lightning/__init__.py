@@ -8,6 +8,7 @@ and LightningCLI accept them.
 from pytorch_lightning.strategies import StrategyRegistry
 
 from .auto_tile import auto_tile_size, estimate_tile_memory
+from .lsuv import StreamingLSUV
 from .mixin import StreamingMixin
 from .settings import DEFAULT_TILE_SIZE, StreamingSettings
 from .split import split_at
@@ -19,6 +20,7 @@ StreamingDDPStrategy.register_strategies(StrategyRegistry)
 __all__ = [
     "DEFAULT_TILE_SIZE",
     "StreamingDDPStrategy",
+    "StreamingLSUV",
     "StreamingMixin",
     "StreamingSettings",
     "StreamingStrategy",
