@@ -78,7 +78,7 @@ def test_single_device_strategy_refuses_several_devices():
         (dict(tile_size="auto"), "needs memory_budget"),
         (dict(tile_size=64, memory_budget="1GiB"), "only used with tile_size='auto'"),
         (dict(tile_size="auto", memory_budget="lots"), "is not a size"),
-        (dict(keep_graphs=-1), "keep_graphs must be a non-negative int"),
+        (dict(keep_graphs=-1), "keep_graphs must be None .* or a non-negative int"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, message):
@@ -128,8 +128,10 @@ def test_model_default_tile_size_and_strategy_override(stream_calls):
 
 
 def test_keep_graphs_is_passed_and_exact(stream_calls):
+    fit("streaming", batches=1)
+    assert "keep_graphs" not in stream_calls[0]  # None: stream()'s own default
     streamed = fit(ls.StreamingStrategy(tile_size=TILE, keep_graphs=2))
-    assert all(c["keep_graphs"] == 2 for c in stream_calls)
+    assert all(c["keep_graphs"] == 2 for c in stream_calls[1:])
     assert_same_parameters(streamed, fit("auto"))
 
 

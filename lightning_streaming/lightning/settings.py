@@ -51,14 +51,17 @@ class StreamingSettings:
     def __init__(
         self,
         tile_size: TileSize | Literal["auto"] | None = None,
-        keep_graphs: int = 0,
+        keep_graphs: int | None = None,
         memory_budget: int | str | None = None,
         input_on_host: bool = False,
     ) -> None:
         _check_tile_size(tile_size, "tile_size")
-        if not isinstance(keep_graphs, int) or isinstance(keep_graphs, bool) or keep_graphs < 0:
+        if keep_graphs is not None and (
+            not isinstance(keep_graphs, int) or isinstance(keep_graphs, bool) or keep_graphs < 0
+        ):
             raise ValueError(
-                f"keep_graphs must be a non-negative int (the number of tiles whose graphs are kept), got {keep_graphs!r}"
+                f"keep_graphs must be None (stream()'s default) or a non-negative int (the number of tiles whose "
+                f"graphs are kept), got {keep_graphs!r}"
             )
         if tile_size == "auto" and memory_budget is None:
             raise ValueError(
@@ -131,7 +134,9 @@ class StreamingSettings:
         tile_size = self.resolve_tile_size(trunk, x, device, default_tile_size)
         # Only a host-resident input needs tile_device: otherwise the core checks that input and trunk agree.
         tile_device = device if x.device != device else None
-        return stream(trunk, x, tile_size, keep_graphs=self.keep_graphs, tile_device=tile_device, transform=transform)
+        # None leaves keep_graphs to stream(), whose default the core chooses for its memory model.
+        options = {} if self.keep_graphs is None else {"keep_graphs": self.keep_graphs}
+        return stream(trunk, x, tile_size, tile_device=tile_device, transform=transform, **options)
 
     def move_batch(self, batch: Any, device: torch.device) -> Any:
         """Move ``batch`` to ``device``, except, with ``input_on_host``, image-shaped tensors

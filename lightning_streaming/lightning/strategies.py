@@ -37,7 +37,8 @@ class StreamingStrategy(SingleDeviceStrategy):
             :func:`~lightning_streaming.auto_tile_size`), or None: the model's
             ``default_tile_size``, else 1024.
         keep_graphs: number of tiles whose graphs the forward keeps for the backward,
-            saving their recomputation at the cost of their activations' memory.
+            saving their recomputation at the cost of their activations' memory; None
+            (default) uses :func:`~lightning_streaming.stream`'s default.
         memory_budget: for ``tile_size="auto"``: bytes one tile's working set may use, an
             int or a string such as ``"4GiB"``.
         input_on_host: keep image-shaped batch tensors (3 or more dimensions) where the
@@ -65,7 +66,7 @@ class StreamingStrategy(SingleDeviceStrategy):
         self,
         tile_size: TileSize | Literal["auto"] | None = None,
         *,
-        keep_graphs: int = 0,
+        keep_graphs: int | None = None,
         memory_budget: int | str | None = None,
         input_on_host: bool = False,
         device: _DEVICE | None = None,
@@ -159,7 +160,7 @@ class StreamingDDPStrategy(DDPStrategy):
         self,
         tile_size: TileSize | Literal["auto"] | None = None,
         *,
-        keep_graphs: int = 0,
+        keep_graphs: int | None = None,
         memory_budget: int | str | None = None,
         input_on_host: bool = False,
         **kwargs: Any,
