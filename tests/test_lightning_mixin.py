@@ -172,3 +172,30 @@ def test_auto_tile_size_is_the_largest_that_fits():
     assert ls.auto_tile_size(trunk, shape, "1GiB") == 300  # everything fits: one tile
     with pytest.raises(ls.TileTooSmallError, match="memory_budget .* is too small"):
         ls.auto_tile_size(trunk, shape, 10_000)
+
+
+def test_a_module_assigned_as_tile_transform_is_used():
+    """nn.Module attributes live in _modules, where the mixin's class attribute would hide them."""
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    model = TinyClassifier()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model.head(model.trunk(x * 2.0))
+    model.tile_transform = Scale()
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_streaming_settings_accept_a_region_source():
+    trunk = tiny_trunk()
+
+    class Source(ls.RegionSource):
+        shape = (1, 3, 40, 30)
+
+        def read(self, region):
+            return torch.ones(1, 3, *(s.stop - s.start for s in region), dtype=torch.uint8)
+
+    out = ls.StreamingSettings(24).stream(trunk, Source(), torch.device("cpu"), transform=lambda t: t.float())
+    torch.testing.assert_close(out, trunk(torch.ones(1, 3, 40, 30)))

@@ -88,13 +88,13 @@ class StreamingMixin:
     def forward_trunk(self, x: Tensor) -> Tensor:
         """The trunk's output for ``x``: streamed under a streaming strategy, else conventional."""
         trunk = self.streaming_split()[0]
+        # A module assigned to self.tile_transform lives in _modules, hidden by the class attribute.
+        transform = self._modules.get("tile_transform", self.tile_transform)  # type: ignore[attr-defined]
         settings = self.streaming_settings
         if settings is None:
-            return trunk(x if self.tile_transform is None else self.tile_transform(x))
+            return trunk(x if transform is None else transform(x))
         device = self._trainer.strategy.root_device  # type: ignore[attr-defined]
-        return settings.stream(
-            trunk, x, device, transform=self.tile_transform, default_tile_size=self.default_tile_size
-        )
+        return settings.stream(trunk, x, device, transform=transform, default_tile_size=self.default_tile_size)
 
     def forward(self, x: Tensor) -> Any:
         """``head(forward_trunk(x))``."""

@@ -98,7 +98,8 @@ class StreamingSettings:
             return self.tile_size
         autocast = torch.is_autocast_enabled(device.type)
         activation_dtype = torch.get_autocast_dtype(device.type) if autocast else None
-        key = (id(trunk), tuple(x.shape), x.dtype, activation_dtype, x.requires_grad)
+        requires_grad = getattr(x, "requires_grad", False)  # a RegionSource has no gradient
+        key = (id(trunk), tuple(x.shape), x.dtype, activation_dtype, requires_grad)
         if key not in self._auto:
             if len(self._auto) >= _MAX_AUTO_CACHE:
                 self._auto.popitem(last=False)
@@ -109,7 +110,7 @@ class StreamingSettings:
                 self.memory_budget,
                 input_dtype=x.dtype,
                 activation_dtype=activation_dtype,
-                input_grad=x.requires_grad,
+                input_grad=requires_grad,
             )
             self._auto[key] = tile
             if rank_zero_only.rank == 0:
@@ -133,7 +134,7 @@ class StreamingSettings:
         """``trunk(transform(x))`` computed tile by tile, tiles running on ``device``."""
         tile_size = self.resolve_tile_size(trunk, x, device, default_tile_size)
         # Only a host-resident input needs tile_device: otherwise the core checks that input and trunk agree.
-        tile_device = device if x.device != device else None
+        tile_device = device if not isinstance(x, Tensor) or x.device != device else None
         # None leaves keep_graphs to stream(), whose default the core chooses for its memory model.
         options = {} if self.keep_graphs is None else {"keep_graphs": self.keep_graphs}
         return stream(trunk, x, tile_size, tile_device=tile_device, transform=transform, **options)
