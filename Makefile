@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set-up plus the main job on built-in data), `make test`.
+# Quick start: `make demo` (set-up, then a streaming model trained on a real slide), `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-stream test bench bench-slide clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
+	$(PY) examples/slide_demo.py
+
+demo-stream: venv
 	$(PY) examples/stream_demo.py
 
 test: venv
@@ -25,5 +28,8 @@ test: venv
 bench: venv
 	$(PY) benchmarks/memory_speed.py
 
+bench-slide: venv
+	$(PY) scripts/large_slide_step.py --size 20480 --memory-limit 4
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache results
+	rm -rf $(VENV) build *.egg-info .pytest_cache results .data

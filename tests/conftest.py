@@ -1,5 +1,6 @@
-"""Shared fixtures: the real example slides (fetched once with pip into .data/) and a
-writer of small pyramidal tiled TIFFs that OpenSlide opens as generic TIFF."""
+"""Shared fixtures: one intra-op thread per test, the real example slides (fetched once
+with pip into .data/) and a writer of small pyramidal tiled TIFFs that OpenSlide opens as
+generic TIFF."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per test. The tests' tensors are small: a second thread only adds
+    a synchronisation per operation, and on a busy 2-core machine a descheduled OpenMP
+    thread turns each into milliseconds (measured: test_core_exactness.py 54 s with one
+    thread, 797 s with two, on a loaded machine). Spawned DDP workers set their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -33,14 +33,6 @@ def trunk64() -> nn.Sequential:
     ).double()  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_real_slide_streams_exactly_without_being_materialised(example_slides, one_thread):
     slide = ls.Slide(example_slides.cmu_small_region)
     mask = ls.detect_tissue(slide, 16.0)

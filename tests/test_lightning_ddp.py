@@ -30,11 +30,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_lightning_helpers import RankData, TinyClassifier, one_thread, tiny_trunk, trainer_kwargs
+from test_lightning_helpers import RankData, TinyClassifier, tiny_trunk, trainer_kwargs
 
 import lightning_streaming as ls
 
-assert one_thread  # an autouse fixture, imported to apply here
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -20,21 +19,6 @@ from torch.utils.data import DataLoader
 import lightning_streaming as ls
 
 NUM_CLASSES = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test (import this fixture into a test module to use it).
-
-    These tensors are tiny: a second thread only adds a synchronisation per operation, and
-    on a busy 2-core machine a descheduled OpenMP thread turns each into milliseconds
-    (measured: a streamed fit 10x slower). Spawned DDP workers get one thread each from
-    Lightning already (cores / processes).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_trunk(norm: str | None = None) -> nn.Sequential:

@@ -6,14 +6,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from test_lightning_helpers import RankData, TinyClassifier, one_thread, tiny_trunk, trainer_kwargs
+from test_lightning_helpers import RankData, TinyClassifier, tiny_trunk, trainer_kwargs
 from torch import nn
 from trunks import BasicBlock, ResNet
 
 import lightning_streaming as ls
 from lightning_streaming.lightning.auto_tile import parse_bytes
 
-assert one_thread  # an autouse fixture, imported to apply here
 
 
 def attach(model: pl.LightningModule, strategy) -> pl.LightningModule:

@@ -7,12 +7,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import StrategyRegistry
-from test_lightning_helpers import one_thread, RankData, TinyClassifier, trainer_kwargs
+from test_lightning_helpers import RankData, TinyClassifier, trainer_kwargs
 from torch import nn
 
 import lightning_streaming as ls
 
-assert one_thread  # an autouse fixture, imported to apply here
 from lightning_streaming.lightning import settings as settings_module
 
 TILE = 24

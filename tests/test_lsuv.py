@@ -32,15 +32,6 @@ import lightning_streaming as ls
 from lightning_streaming.lightning.channel_moments_metric import ChannelMomentsMetric
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (see test_lightning_helpers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_trunk(bias: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1, bias=bias), nn.ReLU(),
