@@ -1,0 +1,163 @@
+"""One measurement in a fresh process: build, baseline, (warm up), time one training step.
+
+The parent runs ``memory_speed.py --child SPEC_JSON``; the child prints one line,
+``RESULT_PREFIX`` followed by the result as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+import lightning_streaming as ls
+from bench_networks import Head, build
+
+RESULT_PREFIX = "MEMORY_SPEED_RESULT "
+PRIMING_SIZE = 64  # pixels per side of the tiny step that initialises the runtime before the baseline
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one child process measures."""
+
+    network: str
+    mode: str  # "conventional" or "streamed"
+    height: int
+    width: int
+    tile_size: int
+    keep_graphs: int = 0
+    full_warmup: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        return cls(**json.loads(text))
+
+
+class MemoryProbe:
+    """Peak memory of the process (CPU: ``ru_maxrss``; CUDA: ``max_memory_allocated``)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    @property
+    def source(self) -> str:
+        return "torch.cuda.max_memory_allocated" if self.cuda else "ru_maxrss"
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / MiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def current_mib(self) -> float:
+        """Memory in use now (the baseline): CUDA allocated bytes, or the RSS high-water
+        mark, which equals the current RSS while nothing big has been allocated yet."""
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device) / MiB
+        return self.peak_mib()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def make_step(spec: RunSpec, trunk: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The trunk's forward in ``spec.mode``."""
+    if spec.mode == "conventional":
+        return trunk
+    if spec.mode == "streamed":
+        return lambda x: ls.stream(trunk, x, spec.tile_size, keep_graphs=spec.keep_graphs)
+    raise ValueError(f"unknown mode {spec.mode!r}")
+
+
+def training_step(
+    forward: Callable[[Tensor], Tensor], head: Head, params: list[nn.Parameter], x: Tensor, probe: MemoryProbe
+) -> tuple[float, float]:
+    """One forward and backward of trunk + head; returns (forward s, backward s)."""
+    for p in params:
+        p.grad = None
+    probe.synchronize()
+    start = time.perf_counter()
+    loss = head(forward(x))
+    probe.synchronize()
+    middle = time.perf_counter()
+    loss.backward()
+    probe.synchronize()
+    return middle - start, time.perf_counter() - middle
+
+
+def plan_info(trunk: nn.Module, shape: tuple[int, ...], tile_size: int) -> dict[str, Any]:
+    """The tile plan for ``shape`` (computing it also caches it, as in a training loop);
+    ``halo_factor`` is the pixels the tiles' regions cover over the image's pixels."""
+    start = time.perf_counter()
+    plan = ls.tile_plan(trunk, shape, tile_size)
+    plan_s = time.perf_counter() - start
+    region_pixels = sum(math.prod(s.size for s in tile) for tile in plan)
+    return {
+        "plan_s": plan_s,
+        "halo_factor": region_pixels / math.prod(shape[2:]),
+        "grid": list(plan.grid),
+        "n_tiles": len(plan),
+        "largest_region": list(plan.largest_region),
+        "output_shape": list(plan.output_shape),
+    }
+
+
+def measure(spec: RunSpec) -> dict[str, Any]:
+    """Run ``spec`` in this process and return its measurements."""
+    device = torch.device(spec.device)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    trunk, head = build(spec.network, spec.seed, device)
+    params = list(trunk.parameters()) + list(head.parameters())
+    forward = make_step(spec, trunk)
+    probe = MemoryProbe(device)
+    # A tiny step initialises thread pools, kernels and (streamed) the trunk's graph analysis,
+    # so the idle baseline is the ready-to-train process, before any image-sized allocation.
+    training_step(forward, head, params, torch.randn(1, 3, PRIMING_SIZE, PRIMING_SIZE, device=device), probe)
+    idle = probe.current_mib()
+    generator = torch.Generator(device=device).manual_seed(spec.seed + 1)
+    x = torch.randn(1, 3, spec.height, spec.width, generator=generator, device=device)
+    ready = probe.current_mib()
+    result: dict[str, Any] = asdict(spec) | plan_info(trunk, tuple(x.shape), spec.tile_size)
+    if spec.full_warmup:
+        training_step(forward, head, params, x, probe)
+    forward_s, backward_s = training_step(forward, head, params, x, probe)
+    out_pixels = math.prod(result["output_shape"])
+    result |= {
+        "forward_s": forward_s,
+        "backward_s": backward_s,
+        "step_s": forward_s + backward_s,
+        "idle_mib": idle,
+        "ready_mib": ready,
+        "peak_mib": probe.peak_mib(),
+        "memory_source": probe.source,
+        "input_bytes": x.numel() * x.element_size(),
+        "output_bytes": head.linear.in_features * out_pixels * x.element_size(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    return result
+
+
+def child_main(spec_json: str) -> int:
+    """Entry point of ``--child``: measure and print the result line."""
+    result = measure(RunSpec.from_json(spec_json))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
