@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -139,6 +140,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     if spec.full_warmup:
         training_step(forward, head, params, x, probe)
     forward_s, backward_s = training_step(forward, head, params, x, probe)
+    load = os.getloadavg()[0]  # the machine is shared: how busy it was during the step
     out_pixels = math.prod(result["output_shape"])
     result |= {
         "forward_s": forward_s,
@@ -150,6 +152,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         "memory_source": probe.source,
         "input_bytes": x.numel() * x.element_size(),
         "output_bytes": head.linear.in_features * out_pixels * x.element_size(),
+        "load_1min": load,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

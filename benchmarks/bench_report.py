@@ -54,19 +54,20 @@ def ok_results(results: Iterable[Result]) -> list[Result]:
     return [r for r in results if "error" not in r]
 
 
-def aggregate(results: list[Result]) -> dict[Key, Row]:
-    """Rows keyed by configuration. Each streamed run is paired with the conventional run
-    of the same group and repeat (they ran next to each other), and the ratios of the
-    pairs are kept, so noise common to a pair cancels."""
+def aggregate(results: list[Result], roles: Iterable[str] = ("main",)) -> dict[Key, Row]:
+    """Rows keyed by configuration, from the runs of ``roles``. Each streamed run is paired
+    with the conventional run of the same group and repeat (they ran next to each other),
+    and the ratios of the pairs are kept, so noise common to a pair cancels."""
+    results = [r for r in ok_results(results) if r["role"] in set(roles)]
     rows: dict[Key, Row] = {}
-    for result in ok_results(results):
+    for result in results:
         rows.setdefault(key_of(result), Row(key_of(result), [])).runs.append(result)
     conventional = {
         (r["group"], r["repeat"], r["network"], r["height"]): r
-        for r in ok_results(results)
+        for r in results
         if r["mode"] == "conventional"
     }
-    for result in ok_results(results):
+    for result in results:
         partner = conventional.get((result["group"], result["repeat"], result["network"], result["height"]))
         if result["mode"] != "streamed" or partner is None:
             continue
@@ -91,15 +92,15 @@ def _grid(result: Result) -> str:
 
 MAIN_HEADER = (
     "| network | image | tile | grid | halo | mode | warm-up | runs | forward s | backward s | step s "
-    "| peak MiB | peak − idle MiB | time s/c | peak s/c | (peak − idle) s/c |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peak MiB | peak − idle MiB | time s/c | peak s/c | (peak − idle) s/c | load |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def main_table(rows: dict[Key, Row], skipped: list[Result]) -> str:
     """One line per (network, size, mode) with keep_graphs = 0, and the skipped runs."""
     lines = [MAIN_HEADER]
-    entries = [(row.key, _main_line(row)) for row in rows.values() if row.key[4] == 0 and row.first["role"] == "main"]
+    entries = [(row.key, _main_line(row)) for row in rows.values() if row.key[4] == 0]
     entries += [((s["network"], s["height"], s["tile_size"], s["mode"], 0), _skipped_line(s)) for s in skipped]
     order = {"conventional": 0, "streamed": 1}
     entries.sort(key=lambda e: (e[0][0], e[0][1], order[e[0][3]]))
@@ -118,14 +119,20 @@ def _main_line(row: Row) -> str:
         f"| {row.median('peak_mib'):.0f} | {row.median('delta_mib'):.0f} "
         f"| {_fmt(row.ratio(row.time_ratios)) if is_streamed else ''} "
         f"| {_fmt(row.ratio(row.peak_ratios), 3) if is_streamed else ''} "
-        f"| {_fmt(row.ratio(row.delta_ratios), 3) if is_streamed else ''} |"
+        f"| {_fmt(row.ratio(row.delta_ratios), 3) if is_streamed else ''} | {_load(row)} |"
     )
+
+
+def _load(row: Row) -> str:
+    """The machine's 1-minute load average after the step (median over runs)."""
+    loads = [r["load_1min"] for r in row.runs if "load_1min" in r]
+    return f"{statistics.median(loads):.1f}" if loads else "–"
 
 
 def _skipped_line(s: Result) -> str:
     return (
         f"| {s['network']} | {s['height']}² | {s['tile_size']} | | | {s['mode']} | | 0 "
-        f"| {s['reason']} | | | | | | | |"
+        f"| {s['reason']} | | | | | | | | |"
     )
 
 
@@ -137,21 +144,21 @@ def sweep_rows(rows: dict[Key, Row], network: str, size: int, tile: int) -> list
 
 def sweep_table(rows: dict[Key, Row], networks: list[str], size: int, tile: int) -> str:
     lines = [
-        "| network | keep_graphs | runs | step s | peak MiB | peak − idle MiB | time s/c | (peak − idle) s/c |",
-        "|---|---|---|---|---|---|---|---|",
+        "| network | keep_graphs | runs | step s | peak MiB | peak − idle MiB | time s/c | (peak − idle) s/c | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for network in networks:
         conv = conventional_row(rows, network, size, tile)
         if conv is not None:
             lines.append(
                 f"| {network} | conventional | {len(conv.runs)} | {conv.median('step_s'):.2f} "
-                f"| {conv.median('peak_mib'):.0f} | {conv.median('delta_mib'):.0f} | 1 | 1 |"
+                f"| {conv.median('peak_mib'):.0f} | {conv.median('delta_mib'):.0f} | 1 | 1 | {_load(conv)} |"
             )
         for row in sweep_rows(rows, network, size, tile):
             lines.append(
                 f"| {network} | {row.key[4]} | {len(row.runs)} | {row.median('step_s'):.2f} "
                 f"| {row.median('peak_mib'):.0f} | {row.median('delta_mib'):.0f} "
-                f"| {_fmt(row.ratio(row.time_ratios))} | {_fmt(row.ratio(row.delta_ratios), 3)} |"
+                f"| {_fmt(row.ratio(row.time_ratios))} | {_fmt(row.ratio(row.delta_ratios), 3)} | {_load(row)} |"
             )
     return "\n".join(lines)
 
@@ -239,7 +246,7 @@ def plot_memory_vs_size(rows: dict[Key, Row], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     series: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for row in rows.values():
-        if row.key[4] == 0 and row.first["role"] == "main":
+        if row.key[4] == 0:
             series[(row.key[0], row.key[3])].append(row)
     for (network, mode), found in sorted(series.items()):
         found.sort(key=lambda r: r.key[1])

@@ -256,15 +256,16 @@ def log_progress(done: int, total: int, run: RunSpec, result: dict[str, Any], wa
         log.warning("[%d/%d] %s FAILED: %s", done, total, describe(run), result["error"])
         return
     log.info(
-        "[%d/%d] %s: step %.2f s (fwd %.2f, bwd %.2f), peak %.0f MiB (idle %.0f), %.0f s wall",
+        "[%d/%d] %s: step %.2f s (fwd %.2f, bwd %.2f), peak %.0f MiB (idle %.0f), load %.1f, %.0f s wall",
         done, total, describe(run), result["step_s"], result["forward_s"], result["backward_s"],
-        result["peak_mib"], result["idle_mib"], wall,
+        result["peak_mib"], result["idle_mib"], result["load_1min"], wall,
     )  # fmt: skip
 
 
 def render(results: list[dict[str, Any]], skipped: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The markdown report."""
     rows = report.aggregate(results)
+    sweep_rows = report.aggregate(results, roles=("main", "sweep"))
     networks = [n for n in args.networks if any(r.get("network") == n for r in results)]
     failures = [r for r in results if "error" in r]
     at_bound = [n for n in networks if any(r.get("network") == n and r["height"] == args.bound_size for r in results)]
@@ -276,7 +277,8 @@ def render(results: list[dict[str, Any]], skipped: list[dict[str, Any]], args: a
         "# Memory and speed: streamed vs conventional training step",
         f"Device {args.device} ({device}); batch 1, float32; tile size {args.tile_size} (input pixels, halo "
         "included); head: global mean pool + linear. Medians over runs, each run a fresh process; ratios "
-        "streamed/conventional (s/c) are medians of adjacent-pair ratios. *idle* = process with torch, model and "
+        "streamed/conventional (s/c) are medians of adjacent-pair ratios; *load* is the machine's 1-minute load "
+        "average after the step (2 cores; above ~2 other processes competed for them). *idle* = process with torch, model and "
         "runtime initialised (a tiny 64² step), before the image exists. Warm-up: *full step* = one untimed "
         f"full-size step first (sizes ≤ {args.warmup_max_size}); *tiny step* = only the priming step. MiB = 2²⁰ bytes."
         + (f" glibc MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}." if args.malloc_mmap_threshold else ""),
@@ -291,7 +293,7 @@ def render(results: list[dict[str, Any]], skipped: list[dict[str, Any]], args: a
             "keep_graphs = k keeps the last k tiles' graphs from the forward (no recompute for them). "
             f"k = 0 from the main runs; k ≥ 1 {args.sweep_repeats} run(s) each, each paired with its own adjacent "
             "conventional run (the conventional row is the median of all of them).",
-            report.sweep_table(rows, networks, args.sweep_size, args.tile_size),
+            report.sweep_table(sweep_rows, networks, args.sweep_size, args.tile_size),
         ]
     if failures:
         parts += ["## Failed runs", "\n".join(f"- {failure_label(r)}: {r['error']}" for r in failures)]
@@ -303,10 +305,9 @@ def write_outputs(results: list[dict[str, Any]], skipped: list[dict[str, Any]], 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     markdown = render(results, skipped, args)
     (args.out_dir / "memory_speed.md").write_text(markdown)
-    rows = report.aggregate(results)
-    report.plot_memory_vs_size(rows, args.out_dir / "memory_vs_size.png")
+    report.plot_memory_vs_size(report.aggregate(results), args.out_dir / "memory_vs_size.png")
     if args.keep_graphs_sweep:
-        report.plot_tradeoff(rows, args.networks, args.sweep_size, args.tile_size, args.out_dir / "keep_graphs_tradeoff.png")
+        report.plot_tradeoff(report.aggregate(results, roles=("main", "sweep")), args.networks, args.sweep_size, args.tile_size, args.out_dir / "keep_graphs_tradeoff.png")
     print(markdown)
 
 
