@@ -26,12 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--size", type=int, default=defaults.size, help="input side in pixels (paper: 320)")
-    parser.add_argument("--tile", type=int, default=None, help="tile side, halo included (default: 2 x 2 tiles)")
+    parser.add_argument("--tile", type=int, default=None, help="tile side, halo included; unset: the smallest giving 2 x 2 tiles")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (paper: 300)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (paper: 4)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (paper: 1e-3)")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default=defaults.dtype)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=defaults.dtype, help="paper: float32")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="weights, data order and crops")
     parser.add_argument("--train-per-class", type=int, default=defaults.train_per_class, help="at most 12")
     parser.add_argument("--tune-per-class", type=int, default=defaults.tune_per_class, help="at most 4")
