@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--size", type=int, default=defaults.size, help="input side in pixels (paper: 320)")
-    parser.add_argument("--tile", type=int, default=None, help="tile side, halo included; unset: the smallest giving 2 x 2 tiles")
+    parser.add_argument(
+        "--tile", type=int, default=None, help="tile side, halo included; unset: the smallest giving 2 x 2 tiles"
+    )
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (paper: 300)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (paper: 4)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (paper: 1e-3)")
