@@ -558,6 +558,7 @@ def write_results(result: RunResult, folder: Path, name: str, monitor: str) -> t
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(e["epoch"]) for e in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -573,6 +574,8 @@ def write_results(result: RunResult, folder: Path, name: str, monitor: str) -> t
         if points:
             right.plot(*zip(*points), marker="o", label=key[len("val/"):], linewidth=2.5 if key == monitor else 1)
     right.set_xlabel("epoch")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_ylabel("validation metric")
     if right.lines:
         right.legend()
