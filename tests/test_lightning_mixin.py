@@ -198,3 +198,21 @@ def test_streaming_settings_accept_a_region_source():
 
     out = ls.StreamingSettings(24).stream(trunk, Source(), torch.device("cpu"), transform=lambda t: t.float())
     torch.testing.assert_close(out, trunk(torch.ones(1, 3, 40, 30)))
+
+
+def test_a_region_source_runs_conventionally_without_a_streaming_strategy():
+    """Lazy DataModule batches are RegionSources: without a streaming strategy the mixin reads
+    them whole (what a conventional run does) and gives the streamed numbers."""
+    model = Uint8Classifier().double()
+    pixels = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8)
+
+    class Source(ls.RegionSource):
+        shape = tuple(pixels.shape)
+
+        def read(self, region):
+            return pixels[(slice(None), slice(None), *region)]
+
+    conventional = model(Source())
+    torch.testing.assert_close(conventional, model(pixels), rtol=0, atol=0)
+    streamed = attach(model, ls.StreamingStrategy(tile_size=24))(Source())
+    torch.testing.assert_close(streamed, conventional, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from ..core.source import is_region_source
 from .settings import StreamingSettings, TileSize
 
 
@@ -92,6 +93,8 @@ class StreamingMixin:
         transform = self._modules.get("tile_transform", self.tile_transform)  # type: ignore[attr-defined]
         settings = self.streaming_settings
         if settings is None:
+            if is_region_source(x):  # a lazy input run conventionally is read whole, as a conventional run would
+                x = x.read(tuple(slice(0, n) for n in x.shape[2:]))
             return trunk(x if transform is None else transform(x))
         device = self._trainer.strategy.root_device  # type: ignore[attr-defined]
         return settings.stream(trunk, x, device, transform=transform, default_tile_size=self.default_tile_size)
