@@ -99,7 +99,9 @@ def train_one(
         LesionFields(config, args.train_images, seed=seed, factor=factor),
         batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
-    val = DataLoader(LesionFields(config, args.val_images, seed=args.val_seed, factor=factor), batch_size=args.batch_size)
+    val = DataLoader(
+        LesionFields(config, args.val_images, seed=args.val_seed, factor=factor), batch_size=args.batch_size
+    )
     plan = ls.tile_plan(model.trunk, (args.batch_size, 3, side, side), args.tile)
     log.info("%d^2 (factor %d): %d tile(s), grid %s, largest input region %s", side, factor, len(plan), plan.grid,
              plan.largest_region)  # fmt: skip
@@ -217,12 +219,14 @@ def plot_examples(config: FieldConfig, factors: list[int], path: Path, seed: int
     for index in range(1, 41, 2):  # positive images, until each kind of spot is found
         image, _, spots = generate(config, seed, index)
         for spot in spots:
-            kind = "distractor" if not spot.lesion else f"lesion ({'kept' if lesion_survives(spot, config, 2) else 'lost'} at 2x)"
+            kept = "kept" if lesion_survives(spot, config, 2) else "lost"
+            kind = f"lesion ({kept} at 2x)" if spot.lesion else "distractor"
             examples.setdefault(kind, (image, spot))
         if len(examples) == 3:
             break
     d = config.lesion_diameter
-    fig, axes = plt.subplots(len(examples), len(factors), figsize=(2.2 * len(factors), 2.3 * len(examples)), squeeze=False)
+    size = (2.2 * len(factors), 2.3 * len(examples))
+    fig, axes = plt.subplots(len(examples), len(factors), figsize=size, squeeze=False)
     for row, (kind, (image, spot)) in enumerate(sorted(examples.items())):
         for column, factor in enumerate(sorted(factors)):
             # A window of three spot diameters around the spot, clipped to the image.
@@ -243,13 +247,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factors", type=int, nargs="+", default=[4, 2, 1],
                         help="area-downsampling factors to train at (default 4 2 1: 256^2, 512^2, 1024^2)")
     parser.add_argument("--tile", type=int, default=512, help="streaming tile size in px, halo included (default 512)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--train-images", type=int, default=32)
-    parser.add_argument("--val-images", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (weights, data order, fields)")
-    parser.add_argument("--val-seed", type=int, default=10_000, help="seed of the validation fields")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs per resolution (default 4)")
+    parser.add_argument("--train-images", type=int, default=32, help="training images, even (default 32)")
+    parser.add_argument("--val-images", type=int, default=128, help="validation images, even (default 128)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds: initial weights, data order and training fields (default 0)")
+    parser.add_argument("--val-seed", type=int, default=10_000, help="seed of the validation fields (default 10000)")
     task = FieldConfig()
     parser.add_argument("--spots", type=int, default=task.spots, help=f"spots per image (default {task.spots})")
     parser.add_argument("--max-lesions", type=int, default=task.max_lesions,
@@ -258,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"lesion texture amplitude (default {task.amplitude})")
     parser.add_argument("--noise", type=float, default=task.noise, help=f"pixel noise std (default {task.noise})")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("results/resolution"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("results/resolution"), help="output folder (default results/resolution)")
     args = parser.parse_args(argv)
     if args.train_images % 2 or args.val_images % 2:
         parser.error("--train-images and --val-images must be even (balanced classes)")
@@ -281,7 +286,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, args, command, wall)
     (args.out / "resolution.md").write_text(table)
-    (args.out / "resolution.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
+    record = {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
+    (args.out / "resolution.json").write_text(json.dumps(record, indent=1))
     plot(rows, args, args.out / "auc_vs_resolution.png")
     plot_examples(config, args.factors, args.out / "lesion_examples.png", seed=args.val_seed)
     print(table)
