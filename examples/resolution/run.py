@@ -263,7 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"lesion texture amplitude (default {task.amplitude})")
     parser.add_argument("--noise", type=float, default=task.noise, help=f"pixel noise std (default {task.noise})")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("results/resolution"), help="output folder (default results/resolution)")
+    parser.add_argument("--out", type=Path, default=Path("results/resolution"),
+                        help="output folder (default results/resolution)")
     args = parser.parse_args(argv)
     if args.train_images % 2 or args.val_images % 2:
         parser.error("--train-images and --val-images must be even (balanced classes)")
