@@ -37,8 +37,81 @@ def vgg_trunk(in_channels: int = 3, widths: tuple[int, ...] = VGG_TRUNK_WIDTHS) 
     return nn.Sequential(*layers)
 
 
-NETWORKS: dict[str, Callable[[], nn.Sequential]] = {"table1": table1_network, "vgg": vgg_trunk}
-NETWORK_LABELS = {"table1": "Table I", "vgg": "VGG-like (Table III, 4 blocks)"}
+class ResNetBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: two 3x3 convolutions (no bias) with BatchNorm, ReLU in
+    place, and the identity (or a strided 1x1 convolution + BatchNorm) added before the
+    last ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with torchvision's layout and module names (``conv1`` 7x7/2, ``bn1``,
+    ``relu``, ``maxpool`` 3x3/2, ``layer1`` .. ``layer4`` of two BasicBlocks each,
+    ``avgpool``, ``fc``), written here because torchvision is not installed beside our
+    pinned CPU torch. No pretrained weights. With ``num_classes=1000`` it has torchvision's
+    11,689,512 parameters."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths, planes = (64, 128, 256, 512), 64
+        for index, width in enumerate(widths, start=1):
+            stride = 1 if index == 1 else 2
+            setattr(self, f"layer{index}", nn.Sequential(ResNetBasicBlock(planes, width, stride), ResNetBasicBlock(width, width)))
+            planes = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18_trunk(in_channels: int = 3) -> nn.Sequential:
+    """The streamed part of ResNet-18: everything before global pooling (conv1, bn1, relu,
+    maxpool, layer1 .. layer4; total stride 32), as lightstream's ``split_resnet`` cuts it.
+
+    BatchNorm is local only in eval mode, so the trunk is returned in eval mode with frozen
+    BatchNorm parameters (lightstream's ``freeze_normalization_layers`` does the same), and
+    with seeded, non-trivial running statistics and affine parameters (a fresh BatchNorm
+    would be an identity and hide errors in how a library handles it). The seed is the
+    caller's: ``build`` seeds before constructing."""
+    net = ResNet18(in_channels=in_channels)
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    for module in trunk.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+            module.requires_grad_(False)
+    return trunk.eval()
+
+
+NETWORKS: dict[str, Callable[[], nn.Sequential]] = {"table1": table1_network, "vgg": vgg_trunk, "resnet18": resnet18_trunk}
+NETWORK_LABELS = {"table1": "Table I", "vgg": "VGG-like (Table III, 4 blocks)", "resnet18": "ResNet-18 trunk (conv1..layer4)"}
 
 
 class Head(nn.Module):
