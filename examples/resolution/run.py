@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factors", type=int, nargs="+", default=[4, 2, 1],
                         help="area-downsampling factors to train at (default 4 2 1: 256^2, 512^2, 1024^2)")
     parser.add_argument("--tile", type=int, default=512, help="streaming tile size in px, halo included (default 512)")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs per resolution (default 4)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs per resolution (default 5)")
     parser.add_argument("--train-images", type=int, default=32, help="training images, even (default 32)")
     parser.add_argument("--val-images", type=int, default=128, help="validation images, even (default 128)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
