@@ -297,9 +297,11 @@ def render(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
             "*tiles (fwd / bwd)*: tiles in the forward and in the backward; *overlap*: pixels of all forward tiles "
             "÷ image pixels. *prepare*: ours = `ls.tile_plan` (trace + plan); lightstream = `StreamingModule(...)` "
             "(tile statistics from a forward and backward of an all-ones tile). Memory is resident memory (RSS, "
-            "MiB): *idle* = process with torch, the network and the library prepared, before the image exists; "
-            "*step peak* = high-water mark during the step (reset before the image is created); *prepare peak* "
-            "and *process peak* (all phases). Times and memory are medians; ratios are medians of ratios of "
+            "MiB): *baseline* = process with torch imported, the network built and the runtime primed by a tiny "
+            "conventional step, before the library prepares anything; *idle* = the same after the library's "
+            "preparation, before the image exists; *step peak* = high-water mark during the step (reset before "
+            "the image is created); *step peak − baseline* = what the library and the step cost (the memory "
+            "target compares this); *prepare peak* and *process peak* (all phases). Times and memory are medians; ratios are medians of ratios of "
             "neighbouring runs.",
             report.time_memory_table(rows, failures),
             "## Gradient differences from the conventional step (float32)",
@@ -348,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replot:
         saved = json.loads(raw.read_text())
         args = parse_args([*saved["args"], "--out-dir", str(args.out_dir)])
+        args.argv = saved["args"]  # the command that measured
         write_outputs(saved["results"], saved["machine"], args)
         return 0
     if "lightstream" in args.libraries and not args.peer_python.exists():

@@ -132,7 +132,7 @@ def test_memory_phases_have_their_own_peaks():
 def run(library: str, repeat: int, step: float, peak: float, **extra) -> dict:
     return {"network": "vgg", "height": 2048, "tile_size": 1024, "library": library, "role": "main",
             "group": f"main-vgg-2048-r{repeat}", "repeat": repeat, "step_s": step, "forward_s": step / 3,
-            "backward_s": 2 * step / 3, "prepare_s": 0.1, "peak_mib": peak, "idle_mib": 100.0,
+            "backward_s": 2 * step / 3, "prepare_s": 0.1, "peak_mib": peak, "idle_mib": 150.0, "before_prepare_mib": 100.0,
             "prepare_peak_mib": 100.0, "process_peak_mib": peak, "load_1min": 1.0} | extra  # fmt: skip
 
 
