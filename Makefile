@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo demo-stream test bench bench-slide clean
+.PHONY: venv demo demo-stream test bench bench-slide bench-vs-lightstream equivalence slide-level clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,21 @@ test: venv
 bench: venv
 	$(PY) benchmarks/memory_speed.py
 
+# lightstream 1.0.7 in its own venv under results/peers (never one of our dependencies).
+bench-vs-lightstream: venv
+	bash benchmarks/peers/setup_lightstream.sh
+	$(PY) benchmarks/vs_lightstream.py
+
 bench-slide: venv
 	$(PY) scripts/large_slide_step.py --size 20480 --memory-limit 4
+
+# The paper's experiments in miniature (each a few minutes on 2 CPU cores; tables and plots in results/).
+equivalence: venv
+	$(PY) -m examples.equivalence
+
+slide-level: venv
+	$(PY) examples/slide_level/camelyon_like.py
+	$(PY) examples/slide_level/tupac_like.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache results .data
