@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo demo-stream test bench bench-slide bench-vs-lightstream equivalence slide-level clean
+.PHONY: venv demo demo-stream test bench bench-slide bench-vs-lightstream equivalence resolution slide-level clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-slide: venv
 # The paper's experiments in miniature (each a few minutes on 2 CPU cores; tables and plots in results/).
 equivalence: venv
 	$(PY) -m examples.equivalence
+
+resolution: venv
+	$(PY) examples/resolution/run.py
 
 slide-level: venv
 	$(PY) examples/slide_level/camelyon_like.py
