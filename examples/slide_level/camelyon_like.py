@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared modules b
 import pytorch_lightning as pl  # noqa: E402
 
 import lightning_streaming as ls  # noqa: E402
-from slide_training import RunResult, TaskDefaults, build_parser, resolve_settings, run, setup_logging  # noqa: E402
+from slide_training import RunResult, TaskDefaults, main_for, setup_logging  # noqa: E402
 
 
 def smoke_manifests(folder: Path, slides: ls.ExampleSlides) -> tuple[Path, Path]:
@@ -66,9 +66,7 @@ DEFAULTS = TaskDefaults(
 def main(argv: list[str] | None = None, callbacks: Sequence[pl.Callback] = ()) -> RunResult:
     """Parse ``argv`` (default: the command line), train with ``callbacks`` added to the
     Trainer's, and write the results."""
-    parser = build_parser(DEFAULTS, __doc__.splitlines()[0] if __doc__ else "")
-    args = resolve_settings(parser.parse_args(argv), DEFAULTS)
-    return run(args, DEFAULTS, callbacks)
+    return main_for(DEFAULTS, __doc__.splitlines()[0] if __doc__ else "", argv, callbacks)
 
 
 if __name__ == "__main__":

@@ -510,6 +510,15 @@ def run(
 
 
 # --- results ------------------------------------------------------------------------------
+def main_for(
+    defaults: TaskDefaults, description: str, argv: list[str] | None = None, callbacks: Sequence[pl.Callback] = ()
+) -> RunResult:
+    """A script's ``main``: parse ``argv`` (default: the command line) with ``defaults``, train
+    with ``callbacks`` added to the Trainer's, and write the results."""
+    parser = build_parser(defaults, description)
+    return run(resolve_settings(parser.parse_args(argv), defaults), defaults, callbacks)
+
+
 def _fmt(value: Any, key: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
