@@ -99,15 +99,23 @@ def resnet18_trunk(in_channels: int = 3) -> nn.Sequential:
     caller's: ``build`` seeds before constructing."""
     net = ResNet18(in_channels=in_channels)
     trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    randomise_batch_norm(trunk, shift=0.1)
     for module in trunk.modules():
         if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
             module.requires_grad_(False)
     return trunk.eval()
+
+
+def randomise_batch_norm(network: nn.Module, shift: float) -> None:
+    """Give every BatchNorm2d non-trivial running statistics and affine parameters (from the
+    global RNG): means and biases in ±``shift``, variances in [0.5, 2], weights in [0.5, 1.5]."""
+    for module in network.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-shift, shift)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-shift, shift)
 
 
 NETWORKS: dict[str, Callable[[], nn.Sequential]] = {"table1": table1_network, "vgg": vgg_trunk, "resnet18": resnet18_trunk}

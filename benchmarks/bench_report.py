@@ -170,10 +170,11 @@ class Verdict:
     target: str
     met: bool | None
     detail: str
+    digits: int = 3
 
     def line(self) -> str:
         status = "not measured" if self.met is None else ("MET" if self.met else "MISSED")
-        return f"- **{self.name}**: {_fmt(self.value, 3)} (target {self.target}) — **{status}**. {self.detail}"
+        return f"- **{self.name}**: {_fmt(self.value, self.digits)} (target {self.target}) — **{status}**. {self.detail}"
 
 
 def bound_verdict(rows: dict[Key, Row], results: list[Result], network: str, size: int, tile: int) -> Verdict:

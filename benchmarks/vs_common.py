@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from bench_networks import NETWORKS, Head, output_channels, vgg_trunk
+from bench_networks import NETWORKS, Head, output_channels, randomise_batch_norm, vgg_trunk
 
 RESULT_PREFIX = "VS_LIGHTSTREAM_RESULT "
 LIBRARIES = ("conventional", "ours", "lightstream")
@@ -67,13 +67,7 @@ def _norm_trunk() -> nn.Sequential:
         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 8, 3, padding=1),
     )  # fmt: skip
-    for module in trunk.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
+    randomise_batch_norm(trunk, shift=0.2)
     return trunk.eval()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bench_networks import NETWORK_LABELS
+from bench_report import Verdict
 
 Result = dict[str, Any]
 Key = tuple[str, int, int, str]  # network, size, tile, library
@@ -231,25 +232,12 @@ def exactness_table(results: list[Result], cases: dict[str, Any], tolerance: flo
     return "\n".join(lines)
 
 
-@dataclass
-class Verdict:
-    name: str
-    value: float | None
-    target: str
-    met: bool | None
-    detail: str
-
-    def line(self) -> str:
-        status = "not measured" if self.met is None else ("MET" if self.met else "MISSED")
-        return f"- **{self.name}**: {fmt(self.value)} (target {self.target}) — **{status}**. {self.detail}"
-
-
 def speed_verdict(rows: dict[Key, Row], network: str, size: int, tile: int) -> Verdict:
     name = f"{network} {size}², tile {tile}: lightstream step ÷ our step"
     row = rows.get((network, size, tile, "lightstream"))
     ratio = median_or_none(row.vs_ours) if row else None
     if ratio is None:
-        return Verdict(name, None, f"≥ {TARGET_SPEEDUP}", None, "a run is missing.")
+        return Verdict(name, None, f"≥ {TARGET_SPEEDUP}", None, "a run is missing.", digits=2)
     ours = rows[(network, size, tile, "ours")]
     detail = (
         f"paired ratios {[round(v, 2) for v in row.vs_ours]}; median steps {row.median('step_s'):.2f} s "
@@ -258,21 +246,21 @@ def speed_verdict(rows: dict[Key, Row], network: str, size: int, tile: int) -> V
     conventional = rows.get((network, size, tile, "conventional"))
     if conventional is not None:
         detail += f" vs {conventional.median('step_s'):.2f} s (conventional)"
-    return Verdict(name, ratio, f"≥ {TARGET_SPEEDUP}", ratio >= TARGET_SPEEDUP, detail + ".")
+    return Verdict(name, ratio, f"≥ {TARGET_SPEEDUP}", ratio >= TARGET_SPEEDUP, detail + ".", digits=2)
 
 
 def memory_verdict(rows: dict[Key, Row], network: str, size: int, tile: int) -> Verdict:
     name = f"{network} {size}², tile {tile}: our step memory ÷ lightstream's (step peak − baseline)"
     ours, peer = rows.get((network, size, tile, "ours")), rows.get((network, size, tile, "lightstream"))
     if ours is None or peer is None:
-        return Verdict(name, None, "≤ 1", None, "a run is missing.")
+        return Verdict(name, None, "≤ 1", None, "a run is missing.", digits=2)
     ratio = ours.delta_mib() / peer.delta_mib()
     detail = (
         f"step peak − baseline {ours.delta_mib():.0f} vs {peer.delta_mib():.0f} MiB; absolute step peaks "
         f"{ours.median('peak_mib'):.0f} vs {peer.median('peak_mib'):.0f} MiB; process peaks including the "
         f"preparation {ours.median('process_peak_mib'):.0f} vs {peer.median('process_peak_mib'):.0f} MiB."
     )
-    return Verdict(name, ratio, "≤ 1", ratio <= 1.0, detail)
+    return Verdict(name, ratio, "≤ 1", ratio <= 1.0, detail, digits=2)
 
 
 def plot(rows: dict[Key, Row], path: Path) -> None:
@@ -303,7 +291,7 @@ def plot(rows: dict[Key, Row], path: Path) -> None:
                     xs.append(position + (index - 1) * width)
                     ys.append(value(row))
             bars = axis.bar(xs, ys, width, label=library, color=colours[library])
-            axis.bar_label(bars, fmt="%.3g", fontsize=7)
+            axis.bar_label(bars, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in bars.datavalues], fontsize=7)
         axis.set_xticks(range(len(configs)))
         axis.set_xticklabels([f"{NETWORK_LABELS.get(c[0], c[0]).split(' (')[0]}\n{c[1]}², tile {c[2]}" for c in configs], fontsize=8)
         axis.set_title(title)
