@@ -6,7 +6,7 @@
 #
 # VENV_DIR defaults to results/peers/venv-lightstream (results/ is git-ignored).
 # It installs torch==2.13.0 (pinned: the local CPU build, never a CUDA download),
-# lightstream==1.0.7, and lightning and numpy, which lightstream imports without
+# lightstream==1.0.7, and lightning (pinned to the version measured) and numpy, which lightstream imports without
 # declaring them (its package __init__ imports lightning; scnn.py imports numpy).
 # torchvision is not installed: only lightstream's model zoo and plotting helpers import
 # it, and the benchmark defines its networks itself.
@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet "$TORCH_PIN"
-"$VENV/bin/python" -m pip install --quiet "$TORCH_PIN" "lightstream==1.0.7" lightning numpy
+"$VENV/bin/python" -m pip install --quiet "$TORCH_PIN" "lightstream==1.0.7" "lightning==2.6.6" numpy
 "$VENV/bin/python" "$HERE/patch_lightstream_cpu.py"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
