@@ -18,7 +18,6 @@ on sys.path, which spawn passes on).
 
 from __future__ import annotations
 
-import os
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_lightning_helpers import RankData, TinyClassifier, tiny_trunk, trainer_kwargs
+from test_lightning_helpers import RankData, TinyClassifier, join_as_torchrun_rank, tiny_trunk, trainer_kwargs
 
 import lightning_streaming as ls
 
@@ -89,11 +88,7 @@ def scenarios(root: Path) -> dict:
 
 
 def torchrun_style_worker(local_rank: int, root: str, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-        RANK=str(local_rank), LOCAL_RANK=str(local_rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    join_as_torchrun_rank(local_rank, port)
     for name, run in scenarios(Path(root)).items():
         try:
             run()

@@ -175,3 +175,13 @@ def trainer_kwargs(**overrides: Any) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def join_as_torchrun_rank(local_rank: int, port: int, world_size: int = 2) -> None:
+    """Set the environment torchrun gives rank ``local_rank`` of a one-node job (so Lightning
+    joins that process group instead of launching its own), one thread per process."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), NODE_RANK="0",
+        RANK=str(local_rank), LOCAL_RANK=str(local_rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)

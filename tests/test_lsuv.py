@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import lightning_streaming as ls
 from lightning_streaming.lightning.channel_moments_metric import ChannelMomentsMetric
+from test_lightning_helpers import join_as_torchrun_rank
 
 
 def small_trunk(bias: bool = True) -> nn.Sequential:
@@ -393,11 +394,7 @@ class RankLoader(pl.LightningDataModule):
 
 
 def ddp_worker(local_rank: int, root: str, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-        RANK=str(local_rank), LOCAL_RANK=str(local_rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    join_as_torchrun_rank(local_rank, port)
     try:
         strategy = ls.StreamingDDPStrategy(
             tile_size=DDP_TILE, process_group_backend="gloo", timeout=timedelta(seconds=120)
