@@ -42,6 +42,7 @@ from .data import (
     ColourJitter,
     EpochSampler,
     ExampleSlides,
+    PackageFile,
     LabelParseError,
     Layout,
     LevelChoice,
@@ -67,6 +68,7 @@ from .data import (
     collate_slides,
     detect_tissue,
     example_slides,
+    fetch_package_files,
     read_all,
 )
 from .data.datamodule import SlideDataModule
@@ -109,6 +111,7 @@ __all__ = [
     "ColourJitter",
     "EpochSampler",
     "ExampleSlides",
+    "PackageFile",
     "LabelParseError",
     "Layout",
     "LevelChoice",
@@ -135,5 +138,6 @@ __all__ = [
     "collate_slides",
     "detect_tissue",
     "example_slides",
+    "fetch_package_files",
     "read_all",
 ]

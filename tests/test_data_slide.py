@@ -28,6 +28,17 @@ def test_example_slides_are_real_and_cached(example_slides):
     assert again == example_slides
 
 
+def test_a_pinned_file_with_another_checksum_is_refused_and_never_cached(tmp_path):
+    """fetch_package_files (behind example_slides) checks every file before it enters the cache."""
+    wrong = ls.PackageFile(
+        "openslide-python==1.4.7", "openslide_python-1.4.7/tests/fixtures/small.svs", "0" * 64, ("--no-binary", ":all:")
+    )
+    expected = r"small\.svs from openslide-python==1\.4\.7 has SHA-256 01ab0fea.*expected 0{64}"
+    with pytest.raises(RuntimeError, match=expected):
+        ls.fetch_package_files({"small.svs": wrong}, tmp_path)
+    assert not (tmp_path / "small.svs").exists() and not any(tmp_path.glob(".download-*"))
+
+
 def test_real_slide_geometry_by_spacing(example_slides):
     slide = ls.Slide(example_slides.cmu_small_region)
     assert slide.base_spacing == (0.499, 0.499) and slide.level_dimensions == ((2967, 2220),)

