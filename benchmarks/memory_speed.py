@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from typing import Any, Sequence
 import bench_report as report
 from bench_child import RESULT_PREFIX, RunSpec, child_main
 from bench_networks import NETWORKS, build, conventional_step_bytes
+from child_process import run_measurement
 
 import lightning_streaming as ls
 
@@ -213,17 +213,7 @@ def child_environment(args: argparse.Namespace) -> dict[str, str]:
 def run_child(run: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     """Measure ``run`` in a fresh interpreter; on failure, a result with ``error``."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", run.to_json()]
-    timeout = args.child_timeout
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_environment(args))
-    except subprocess.TimeoutExpired:
-        return asdict(run) | {"error": f"timed out after {timeout:.0f} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    killed = " (killed: out of memory?)" if done.returncode in (-9, 137) else ""
-    tail = done.stderr.strip().splitlines()[-3:]
-    return asdict(run) | {"error": f"exit {done.returncode}{killed}: {' | '.join(tail)}"}
+    return run_measurement(command, RESULT_PREFIX, asdict(run), args.child_timeout, child_environment(args))
 
 
 def describe(run: RunSpec) -> str:

@@ -55,6 +55,7 @@ from typing import Any, Sequence
 import torch
 
 import vs_common as common
+from child_process import run_measurement
 import vs_report as report
 from vs_common import CASES, RunSpec
 
@@ -77,7 +78,7 @@ PATCHES = [
 class Group:
     name: str
     specs: tuple[RunSpec, ...]
-    repeats: int
+    repeat: int = 0  # which repeat of the main comparison (ratios pair within a repeat)
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def plan_groups(args: argparse.Namespace) -> list[Group]:
                     for library in args.libraries
                 )  # fmt: skip
                 shift = repeat % len(specs)
-                groups.append(Group(f"main-{network}-{size}-r{repeat}", specs[shift:] + specs[:shift], 1))
+                groups.append(Group(f"main-{network}-{size}-r{repeat}", specs[shift:] + specs[:shift], repeat))
         if args.input_grad_runs:
             for network in args.networks:
                 size, tile = config_of(args, network)
@@ -187,7 +188,7 @@ def plan_groups(args: argparse.Namespace) -> list[Group]:
                     RunSpec(library, network, size, size, tile, seed=args.seed, threads=args.threads, input_grad=True, role="input-grad")
                     for library in args.libraries if library != "conventional"
                 )  # fmt: skip
-                groups.append(Group(f"input-grad-{network}", specs, 1))
+                groups.append(Group(f"input-grad-{network}", specs))
     if args.exactness:
         for name, case in CASES.items():
             specs = tuple(
@@ -196,7 +197,7 @@ def plan_groups(args: argparse.Namespace) -> list[Group]:
                 for library in args.libraries if library != "conventional"
                 for input_grad in (False, True)
             )  # fmt: skip
-            groups.append(Group(f"exactness-{name}", specs, 1))
+            groups.append(Group(f"exactness-{name}", specs))
     return groups
 
 
@@ -210,28 +211,16 @@ def run_child(run: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     """Measure ``run`` in a fresh interpreter; on failure, a result with ``error``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    try:
-        done = subprocess.run(command_for(run, args), capture_output=True, text=True, timeout=args.child_timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return asdict(run) | {"error": f"timed out after {args.child_timeout:.0f} s"}
-    except OSError as error:
-        return asdict(run) | {"error": f"could not start: {error}"}
-    for line in done.stdout.splitlines():
-        if line.startswith(common.RESULT_PREFIX):
-            return json.loads(line[len(common.RESULT_PREFIX) :])
-    killed = " (killed: out of memory?)" if done.returncode in (-9, 137) else ""
-    tail = done.stderr.strip().splitlines()[-3:]
-    return asdict(run) | {"error": f"exit {done.returncode}{killed}: {' | '.join(tail)}"}
+    return run_measurement(command_for(run, args), common.RESULT_PREFIX, asdict(run), args.child_timeout, env)
 
 
 def run_groups(groups: list[Group], args: argparse.Namespace) -> list[dict[str, Any]]:
-    total = sum(len(g.specs) * g.repeats for g in groups)
+    total = sum(len(g.specs) for g in groups)
     results: list[dict[str, Any]] = []
     for group in groups:
-        repeat = int(group.name.rsplit("-r", 1)[1]) if group.name.startswith("main-") else 0
         for run in group.specs:
             started = time.perf_counter()
-            result = run_child(run, args) | {"group": group.name, "repeat": repeat}
+            result = run_child(run, args) | {"group": group.name, "repeat": group.repeat}
             results.append(result)
             log_progress(len(results), total, run, result, time.perf_counter() - started)
     return results

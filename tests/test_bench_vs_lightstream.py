@@ -1,6 +1,7 @@
 """Our own logic of benchmarks/vs_lightstream.py: the ResNet-18 definition, our side of a
 measurement, the gradient comparison, the report's aggregation and verdicts, the peer's
-tile-count formulas and the CPU patch of lightstream's source. None of it needs the
+tile-count formulas, the CPU patch of lightstream's source and the shared child-process
+runner. None of it needs the
 lightstream venv or the network."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS / "peers"))
 
 import bench_networks  # noqa: E402
+import child_process  # noqa: E402
 import lightstream_child  # noqa: E402  (imports lightstream only inside run())
 import patch_lightstream_cpu  # noqa: E402
 import vs_common as common  # noqa: E402
@@ -211,3 +213,22 @@ def test_cpu_patch_replaces_the_cuda_move_once_and_refuses_other_text():
     assert patch_lightstream_cpu.patch_text(patched) == (patched, False)
     with pytest.raises(RuntimeError, match="expected lightstream 1.0.7"):
         patch_lightstream_cpu.patch_text("something else")
+
+
+# --- the child-process runner both drivers share ------------------------------------------
+
+
+def test_a_child_result_line_is_read_back_and_failures_become_errors(tmp_path):
+    spec = {"network": "vgg"}
+    env = {"PATH": "/usr/bin:/bin"}
+
+    def run(code: str, timeout: float = 60) -> dict:
+        return child_process.run_measurement([sys.executable, "-c", code], "RESULT ", spec, timeout, env)
+
+    assert run("print('noise'); print('RESULT {\"step_s\": 1.5}')") == {"step_s": 1.5}
+    failed = run("import sys; print('no result'); sys.stderr.write('boom\\n'); sys.exit(3)")
+    assert failed == {"network": "vgg", "error": "exit 3: boom"}
+    slow = run("import time; time.sleep(5)", timeout=1)
+    assert slow == {"network": "vgg", "error": "timed out after 1 s"}
+    missing = child_process.run_measurement([str(tmp_path / "absent")], "RESULT ", spec, 10, env)
+    assert missing["error"].startswith("could not start:")
