@@ -1,8 +1,7 @@
 """Our own logic of benchmarks/vs_lightstream.py: the ResNet-18 definition, our side of a
 measurement, the gradient comparison, the report's aggregation and verdicts, the peer's
 tile-count formulas, the CPU patch of lightstream's source and the shared child-process
-runner. None of it needs the
-lightstream venv or the network."""
+runner. None of it needs the lightstream venv or the network."""
 
 from __future__ import annotations
 
