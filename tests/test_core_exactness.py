@@ -302,17 +302,18 @@ def test_float32_matches_to_float32_rounding():
 
 
 def test_verify_detects_a_wrong_geometry(monkeypatch):
-    """The verification helper itself can fail: break the conv rule and it must notice."""
-    from lightning_streaming.core import rules
+    """The verification helper itself can fail: shrink the convolution windows and it must notice."""
+    import weakref
+    from collections import OrderedDict
 
-    original = rules._MODULE_RULES[nn.Conv2d]
+    from lightning_streaming.core import aten_rules, graph
 
-    def too_small_kernel(call):
-        geometry = original(call)
-        windows = tuple(ls.Window(1, w.stride, 1, 0, 0) for w in geometry.windows)
-        return rules.OpGeometry(windows, geometry.axes)
+    def too_small_kernel(kernel=1, stride=1, dilation=1, pad_lo=0, pad_hi=0, *args, **kwargs):
+        return ls.Window(1, stride, 1, 0, 0)  # the same output length for 3x3 'same' convolutions
 
-    monkeypatch.setitem(rules._MODULE_RULES, nn.Conv2d, too_small_kernel)
+    monkeypatch.setattr(aten_rules, "Window", too_small_kernel)
+    monkeypatch.setattr(graph, "_BY_STRUCTURE", OrderedDict())
+    monkeypatch.setattr(graph, "_BY_MODULE", weakref.WeakKeyDictionary())
     with pytest.raises(ls.StreamingMismatchError, match="differ"):
         ls.verify(table1_network(), (1, 3, 30, 30), 10)
     report = ls.verify(table1_network(), (1, 3, 30, 30), 10, raise_on_mismatch=False)

@@ -37,17 +37,19 @@ def test_batchnorm_without_running_stats_is_refused_even_in_eval():
     [
         (nn.GroupNorm(1, 3), "GroupNorm"),
         (nn.InstanceNorm2d(3), "InstanceNorm"),
-        (nn.AdaptiveAvgPool2d(1), "adaptive (global) pooling"),
+        (nn.AdaptiveAvgPool2d(1), "global pooling"),
         (nn.AdaptiveMaxPool2d((4, 4)), "adaptive (global) pooling"),
-        (nn.Dropout(0.2), "Dropout in training mode"),
+        (nn.Dropout(0.2), "draws random numbers"),
         (nn.Dropout2d(0.2), "random"),
         (nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"), "circular"),
         (nn.CircularPad2d(1), "circular"),
-        (nn.Upsample(scale_factor=2), "Upsample has no geometry rule"),
+        (nn.Upsample(size=(64, 64)), "absolute size"),
+        (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), "align_corners=True"),
+        (nn.Upsample(scale_factor=1.5), "not an integer"),
         (nn.Flatten(), "flattening"),
         (nn.MaxPool2d(2, return_indices=True), "return_indices"),
         (nn.LayerNorm([3, 32, 32]), "spatial"),
-        (nn.Linear(32, 32), "last dimension, which is spatial"),
+        (nn.Linear(32, 32), "matrix product over spatial positions"),
         (nn.Softmax(dim=2), "spatial"),
         (nn.RReLU(), "random"),
     ],
@@ -56,6 +58,7 @@ def test_batchnorm_without_running_stats_is_refused_even_in_eval():
 def test_refused_layers(layer, words):
     message = refused(nn.Sequential(nn.Conv2d(3, 3, 1), layer), words)
     assert f"module '1' ({type(layer).__name__})" in message
+    assert "test_core_refusals.py" in message  # the line that called the trunk
 
 
 def test_dropout_in_eval_mode_is_accepted():
@@ -72,17 +75,16 @@ def test_attention_and_unknown_modules():
             tokens = x.flatten(2).transpose(1, 2)
             return self.attention(tokens, tokens, tokens)[0]
 
-    refused(Attention(), "flatten")
+    refused(Attention(), "module 'attention' (MultiheadAttention)", "every position with every other")
 
-    class OnlyAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention = nn.MultiheadAttention(32, 1)
-
+    class ScaledDotProduct(nn.Module):  # attention written with the fused function, and back to a feature map
         def forward(self, x):
-            return self.attention(x, x, x)[0]
+            n, c, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)
+            out = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+            return out.transpose(1, 2).reshape(n, c, h, w)
 
-    refused(OnlyAttention(), "module 'attention' (MultiheadAttention)", "attention")
+    refused(ScaledDotProduct(), "every position with every other", "scaled_dot_product_attention")
 
 
 def test_operations_that_read_shape_or_reduce_or_vary_with_position():
@@ -90,14 +92,14 @@ def test_operations_that_read_shape_or_reduce_or_vary_with_position():
         def forward(self, x):
             return x * x.shape[-1]
 
-    message = refused(ReadsShape(), "shape", "differs between tiles")
+    message = refused(ReadsShape(), "spatial size", "differs between tiles")
     assert "test_core_refusals.py" in message and "return x * x.shape[-1]" in message  # points at user code
 
     class GlobalMean(nn.Module):
         def forward(self, x):
             return x - x.mean(dim=(2, 3), keepdim=True)
 
-    refused(GlobalMean(), ".mean()", "head")
+    refused(GlobalMean(), "aten.mean", "reduces over spatial dimension(s) s0, s1", "head")
 
     class PositionEmbedding(nn.Module):
         def __init__(self):
@@ -125,7 +127,19 @@ def test_untraceable_and_multi_argument_trunks():
         def forward(self, x):
             return x if x.sum() > 0 else -x
 
-    refused(DataDependent(), "could not trace", "control flow")
+    refused(DataDependent(), "reduces over spatial dimension")
+
+    class ReadsAPixel(nn.Module):
+        def forward(self, x):
+            return x if x[0, 0, 0, 0].item() > 0 else -x
+
+    refused(ReadsAPixel(), "picks one position")
+
+    class ChannelDecides(nn.Module):
+        def forward(self, x):
+            return x if x[:, :1].amax(1).gt(0).all() else -x
+
+    refused(ChannelDecides(), "aten.all", "reduces over spatial")
 
     class TwoInputs(nn.Module):
         def forward(self, x, y):
@@ -144,22 +158,56 @@ def test_branches_of_different_resolution_are_refused():
         def forward(self, x):  # both give length 4 for length 8, but on different grids
             return self.strided(x) + self.valid(x)
 
-    refused(Mixed(), "different resolutions", x=torch.randn(1, 1, 8))
+    refused(Mixed(), "different resolutions", "return self.strided(x) + self.valid(x)", x=torch.randn(1, 1, 8))
 
 
-def test_custom_module_can_be_registered():
-    class Swish(nn.Module):
+@torch.library.custom_op("lightning_streaming_tests::soft_sign", mutates_args=())
+def _soft_sign(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + x.abs())
+
+
+@_soft_sign.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _soft_sign_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _soft_sign_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad / (1 + x.abs()).square()
+
+
+_soft_sign.register_autograd(_soft_sign_backward, setup_context=_soft_sign_setup)
+
+
+def test_custom_operator_is_refused_until_its_module_is_registered():
+    class SoftSign(nn.Module):  # a custom operator: its inside cannot be followed
         def forward(self, x):
-            return x * torch.special.expit(x)  # no rule for torch.special.expit
+            return _soft_sign(x)
 
-    refused(nn.Sequential(Swish()), "expit")
-    ls.register_module_rule(Swish, ls.pixelwise)
+    class Subclass(SoftSign):  # the rule applies to subclasses that keep forward
+        pass
+
+    message = refused(nn.Sequential(SoftSign()), "no rule for the operator", "register_module_rule")
+    assert "lightning_streaming_tests.soft_sign" in message and "return _soft_sign(x)" in message
+    ls.register_module_rule(SoftSign, ls.pixelwise)
     try:
-        ls.verify(nn.Sequential(nn.Conv2d(3, 2, 3), Swish()), (1, 3, 20, 20), 9)
+        ls.verify(nn.Sequential(nn.Conv2d(3, 2, 3), SoftSign(), Subclass()), (1, 3, 20, 20), 9)
     finally:
         from lightning_streaming.core import rules
 
-        rules._MODULE_RULES.pop(Swish)
+        rules._MODULE_RULES.pop(SoftSign)
+
+
+def test_a_wrapper_of_known_operations_needs_no_rule():
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.special.expit(x)
+
+    ls.verify(nn.Sequential(nn.Conv2d(3, 2, 3), Swish()), (1, 3, 20, 20), 9)
 
 
 def test_tile_too_small_states_the_minimum_and_the_minimum_works():
@@ -197,5 +245,6 @@ def test_mismatched_dtype_device_and_shapes():
 
 def test_image_too_small_for_the_trunk():
     trunk = nn.Sequential(nn.Conv2d(3, 3, 5), nn.MaxPool2d(4))
-    with pytest.raises(ValueError, match="too small for the trunk"):
+    with pytest.raises(ValueError, match=r"cannot run on an input of length 6 .* empty after module '1' \(MaxPool2d\).*"
+                       r"smallest length it accepts is 8"):
         ls.stream(trunk, torch.randn(1, 3, 6, 30), 16)

@@ -5,10 +5,11 @@ Nothing here imports Lightning.
 
 from .errors import NotLocalError, StreamingError, StreamingMismatchError, TileTooSmallError
 from .graph import TrunkGeometry, geometry_of
+from .tracing import expected_spatial_dims
 from .plan import Segment, TilePlan
 from .rules import OpCall, OpGeometry, Refusal, pixelwise, register_module_rule
 from .source import RegionSource
-from .statistics import ChannelMoments, channel_moments, trunk_layers, trunk_prefix
+from .statistics import ChannelMoments, channel_moments, trunk_layers
 from .stream import stream, tile_plan
 from .verify import VerificationReport, verify
 from .window import Window
@@ -17,7 +18,6 @@ __all__ = [
     "ChannelMoments",
     "channel_moments",
     "trunk_layers",
-    "trunk_prefix",
     "NotLocalError",
     "OpCall",
     "OpGeometry",
@@ -31,6 +31,7 @@ __all__ = [
     "TrunkGeometry",
     "VerificationReport",
     "Window",
+    "expected_spatial_dims",
     "geometry_of",
     "pixelwise",
     "register_module_rule",

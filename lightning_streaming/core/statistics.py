@@ -1,24 +1,25 @@
 """Per-channel statistics of any layer of a trunk, gathered while streaming.
 
-The trunk is cut after the layer (a torch.fx prefix sharing the trunk's modules) and the
-prefix is streamed: its tiles partition the layer's output exactly, so every pixel is
-counted once and none comes from a halo or from padding at a tile border. The sums equal
-those of the un-tiled activation up to float64 rounding.
+Tiles are planned so that they partition the *layer's* output (its receptive field, not
+the trunk's), and on each tile the trunk runs only until that layer has produced its
+output (a forward hook stops it there). So every pixel of the layer's output is counted
+once and none comes from a halo or from padding at a tile border: the sums equal those of
+the un-tiled activation up to float64 rounding.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
-from .graph import _fingerprint, _hooks_suspended, _Tracer
+from .graph import TrunkGeometry
+from .plan import normalise_tile_size, plan_tiles
 from .source import RegionSource
-from .stream import _TileRunner, _trunk_device, tile_plan
+from .stream import _crop_index, _geometry_for, _TileRunner, _trunk_device
+from .tracing import expected_spatial_dims, hooks_suspended
 
 
 @dataclass
@@ -58,46 +59,50 @@ class ChannelMoments:
 
 def trunk_layers(module: nn.Module, types: tuple[type, ...] = (nn.modules.conv._ConvNd,)) -> list[str]:
     """Qualified names of the trunk's submodules of ``types``, in the order they run."""
-    with _hooks_suspended(module):
-        graph = _Tracer().trace(module)
-    names = [n.target for n in graph.nodes if n.op == "call_module"]
-    return [name for name in dict.fromkeys(names) if isinstance(module.get_submodule(name), types)]
+    calls = _call_order(module)
+    return [name for name in dict.fromkeys(calls) if name and isinstance(module.get_submodule(name), types)]
 
 
-_PREFIXES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+def _call_order(module: nn.Module) -> list[str]:
+    """Submodule names in the order a forward calls them (on a fake input: nothing is computed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .tracing import default_channels
+
+    names = {id(m): name for name, m in module.named_modules()}
+    calls: list[str] = []
+    spatial = expected_spatial_dims(module) or 2
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    with hooks_suspended(module):
+        handles = [m.register_forward_pre_hook(lambda m, a: calls.append(names[id(m)])) for m in module.modules()]
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                module(torch.empty((1, default_channels(module)) + (512,) * spatial, dtype=dtype))
+        finally:
+            for handle in handles:
+                handle.remove()
+    return calls
 
 
-def trunk_prefix(module: nn.Module, layer: str) -> fx.GraphModule:
-    """The trunk up to and including the submodule ``layer``, sharing its modules."""
-    key = _fingerprint(module, 0)
-    cache = _PREFIXES.setdefault(module, {})
-    if cache.get("key") != key:
-        cache.clear()
-        cache["key"] = key
-    if layer not in cache:
-        with _hooks_suspended(module):
-            graph = _Tracer().trace(module)
-        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
-        if len(calls) != 1:
-            known = ", ".join(repr(n) for n in trunk_layers(module, (nn.Module,)))
-            raise ValueError(
-                f"layer {layer!r} must be a submodule the trunk calls exactly once "
-                f"(it is called {len(calls)} times); the trunk's layers are: {known}"
-            )
-        prefix = fx.Graph()
-        copies: dict[fx.Node, fx.Node] = {}
-        for node in graph.nodes:
-            if node.op == "output":
-                break
-            copies[node] = prefix.node_copy(node, lambda n: copies[n])
-            if node is calls[0]:
-                break
-        prefix.output(copies[calls[0]])
-        cut = fx.GraphModule(module, prefix)
-        cut.graph.eliminate_dead_code()  # branches computed before the layer but not feeding it
-        cut.recompile()
-        cache[layer] = cut
-    return cache[layer]
+class _LayerReached(Exception):
+    """Raised by the forward hook on the measured layer: the rest of the trunk is not needed."""
+
+    def __init__(self, output: Tensor):
+        super().__init__()
+        self.output = output
+
+
+def layer_geometry(geometry: TrunkGeometry, layer: str, module: nn.Module) -> TrunkGeometry:
+    """The trunk's geometry up to (and with its output at) the output of submodule ``layer``."""
+    nodes = geometry.module_nodes.get(layer, [])
+    if len(nodes) != 1:
+        known = ", ".join(repr(name) for name in dict.fromkeys(geometry.calls) if name)
+        raise ValueError(
+            f"layer {layer!r} must be a submodule the trunk calls exactly once on a feature map "
+            f"(it is called {len(nodes)} times); the trunk's layers are: {known}"
+        )
+    return geometry.truncated(nodes[0])
 
 
 @torch.no_grad()
@@ -118,11 +123,30 @@ def channel_moments(
         moments = channel_moments(trunk, images, tile_size=512, layer="layer1.0.conv1")
         print(moments.std)
     """
-    prefix = trunk_prefix(module, layer)
-    device = torch.device(tile_device) if tile_device is not None else _trunk_device(module, input.device if isinstance(input, Tensor) else torch.device("cpu"))
-    runner = _TileRunner(prefix, tile_plan(prefix, input.shape, tile_size), [], device, transform)
+    geometry = layer_geometry(_geometry_for(module, input.shape), layer, module)
+    spatial = tuple(int(s) for s in input.shape[2:])
+    plan = plan_tiles(geometry, spatial, normalise_tile_size(tile_size, len(spatial)))
+    fallback = input.device if isinstance(input, Tensor) else torch.device("cpu")
+    device = torch.device(tile_device) if tile_device is not None else _trunk_device(module, fallback)
+    runner = _TileRunner(module, plan, [], device, transform)
+
+    def stop(m: nn.Module, args: object, output: Tensor) -> None:
+        raise _LayerReached(output)
+
     total = None
-    for tile in runner.tiles:
-        moments = ChannelMoments.of(runner.run(runner.read(input, tile), tile))
-        total = moments if total is None else total + moments
+    handle = module.get_submodule(layer).register_forward_hook(stop)
+    try:
+        for tile in runner.tiles:
+            region = runner.read(input, tile)
+            try:
+                module(region if transform is None else transform(region))
+            except _LayerReached as reached:
+                output = reached.output
+            else:
+                raise RuntimeError(f"the trunk did not call layer {layer!r} on a tile")
+            moments = ChannelMoments.of(output[_crop_index(tile, 0)])
+            total = moments if total is None else total + moments
+    finally:
+        handle.remove()
+    assert total is not None
     return total

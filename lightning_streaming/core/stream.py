@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan, normalise_tile_size, plan_tiles
 from .source import RegionSource, is_region_source
+from .tracing import TraceInputError, expected_spatial_dims
 
 Tile = tuple[Segment, ...]
 _MAX_PLANS_PER_TRUNK = 64
@@ -19,13 +21,13 @@ def _region_index(tile: Tile) -> tuple[slice, ...]:
     return (slice(None), slice(None)) + tuple(slice(s.start, s.stop) for s in tile)
 
 
-def _output_index(tile: Tile) -> tuple[slice, ...]:
-    return (slice(None), slice(None)) + tuple(slice(s.out_start, s.out_stop) for s in tile)
+def _output_index(tile: Tile, k: int) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(slice(s.outputs[k][0], s.outputs[k][1]) for s in tile)
 
 
-def _crop_index(tile: Tile) -> tuple[slice, ...]:
+def _crop_index(tile: Tile, k: int) -> tuple[slice, ...]:
     return (slice(None), slice(None)) + tuple(
-        slice(s.out_start - s.out_offset, s.out_stop - s.out_offset) for s in tile
+        slice(s.outputs[k][0] - s.outputs[k][2], s.outputs[k][1] - s.outputs[k][2]) for s in tile
     )
 
 
@@ -44,28 +46,35 @@ class _TileRunner:
         self.param_names = _parameter_names(module, params)
         self.device, self.transform = device, transform
         self.tiles = list(plan)
+        self.outputs = len(plan.output_shapes)
         self.autocast = (
             device.type,
             torch.is_autocast_enabled(device.type),
             torch.get_autocast_dtype(device.type),
         )
 
-    def run(self, region: Tensor, tile: Tile, aliases: dict[str, Tensor] | None = None) -> Tensor:
-        """The trunk's exact output on ``tile``'s output box; with ``aliases``, computed
+    def run(self, region: Tensor, tile: Tile, aliases: dict[str, Tensor] | None = None) -> list[Tensor]:
+        """The trunk's exact outputs on ``tile``'s output boxes; with ``aliases``, computed
         with those stand-ins for the parameters."""
         inputs = region if self.transform is None else self.transform(region)
         if aliases is None:
             out = self.module(inputs)
         else:
             out = torch.func.functional_call(self.module, aliases, (inputs,))
-        crop = out[_crop_index(tile)]
-        expected = tuple(s.out_stop - s.out_start for s in tile)
-        if tuple(crop.shape[2:]) != expected:
-            raise RuntimeError(
-                f"internal error: a tile's output has shape {tuple(out.shape)}, which does not cover the planned "
-                f"box {expected}; please report this with the trunk's definition"
-            )
-        return crop
+        leaves = pytree.tree_leaves(out)
+        crops = []
+        for k, leaf in enumerate(leaves):
+            crop = leaf[_crop_index(tile, k)]
+            expected = tuple(s.outputs[k][1] - s.outputs[k][0] for s in tile)
+            if tuple(crop.shape[2:]) != expected:
+                raise RuntimeError(
+                    f"internal error: a tile's output {k} has shape {tuple(leaf.shape)}, which does not cover the "
+                    f"planned box {expected}; please report this with the trunk's definition"
+                )
+            crops.append(crop)
+        if len(crops) != self.outputs:
+            raise RuntimeError(f"the trunk returned {len(crops)} feature maps on a tile, {self.outputs} when analysed")
+        return crops
 
     def aliases(self) -> dict[str, Tensor]:
         """Detached stand-ins for the trainable parameters. A tile's graph ends at these, not
@@ -87,11 +96,11 @@ class _TileRunner:
                 )
         return region.to(self.device, non_blocking=True)
 
-    def forward(self, x: Tensor, keep_graphs: int = 0, requires_input_grad: bool = False):
+    def forward(self, x: Tensor | RegionSource, keep_graphs: int = 0, requires_input_grad: bool = False):
         """Tiled forward. The graphs of the last ``keep_graphs`` tiles are kept (the backward
         visits them first), the rest run under no_grad."""
-        output = None
-        kept: dict[int, tuple[dict[str, Tensor], Tensor, Tensor]] = {}
+        outputs: list[Tensor] | None = None
+        kept: dict[int, tuple[dict[str, Tensor], Tensor, list[Tensor]]] = {}
         first_kept = len(self.tiles) - keep_graphs
         for index, tile in enumerate(self.tiles):
             region = self.read(x, tile)
@@ -99,26 +108,30 @@ class _TileRunner:
                 with torch.enable_grad():
                     aliases = self.aliases()
                     region = region.detach().requires_grad_(requires_input_grad)
-                    crop = self.run(region, tile, aliases)
-                kept[index] = (aliases, region, crop)
+                    crops = self.run(region, tile, aliases)
+                kept[index] = (aliases, region, crops)
             else:
                 with torch.no_grad():
-                    crop = self.run(region, tile)
-            if output is None:
-                shape = tuple(crop.shape[:2]) + self.plan.output_shape
-                output = torch.empty(shape, dtype=crop.dtype, device=crop.device)
-            output[_output_index(tile)] = crop.detach()
-        return output, kept
+                    crops = self.run(region, tile)
+            if outputs is None:
+                outputs = [
+                    torch.empty(tuple(c.shape[:2]) + shape, dtype=c.dtype, device=c.device)
+                    for c, shape in zip(crops, self.plan.output_shapes)
+                ]
+            for k, crop in enumerate(crops):
+                outputs[k][_output_index(tile, k)] = crop.detach()
+        assert outputs is not None
+        return outputs, kept
 
     def backward(
         self,
-        x: Tensor,
-        grad_output: Tensor,
-        kept: dict[int, tuple[dict[str, Tensor], Tensor, Tensor]],
+        x: Tensor | RegionSource,
+        grad_outputs: Sequence[Tensor | None],
+        kept: dict[int, tuple[dict[str, Tensor], Tensor, list[Tensor]]],
         needs_param_grad: Sequence[bool],
         needs_input_grad: bool,
     ) -> tuple[Tensor | None, list[Tensor | None]]:
-        """Recompute each tile with grad and backpropagate its slice of ``grad_output``;
+        """Recompute each tile with grad and backpropagate its slices of ``grad_outputs``;
         sum the parameter gradients locally so each parameter gets one gradient."""
         wanted = [name for name, need in zip(self.param_names, needs_param_grad) if need]
         sums: list[Tensor | None] = [None] * len(wanted)
@@ -127,22 +140,27 @@ class _TileRunner:
         for index in reversed(range(len(self.tiles))):
             tile = self.tiles[index]
             if index in kept:
-                aliases, region, crop = kept.pop(index)
+                aliases, region, crops = kept.pop(index)
             else:
                 with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                     aliases = self.aliases()
                     region = self.read(x, tile).detach().requires_grad_(needs_input_grad)
-                    crop = self.run(region, tile, aliases)
+                    crops = self.run(region, tile, aliases)
+            pairs = [
+                (crop, grad[_output_index(tile, k)])
+                for k, (crop, grad) in enumerate(zip(crops, grad_outputs))
+                if grad is not None and crop.requires_grad and crop.numel()
+            ]
             inputs = [aliases[name] for name in wanted] + ([region] if needs_input_grad else [])
-            if not inputs or not crop.requires_grad:
+            if not inputs or not pairs:
                 continue
-            grads = torch.autograd.grad(crop, inputs, grad_output[_output_index(tile)], allow_unused=True)
+            grads = torch.autograd.grad([c for c, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
             for i, grad in enumerate(grads[: len(wanted)]):
                 if grad is not None:
                     sums[i] = grad if sums[i] is None else sums[i].add_(grad)
             if needs_input_grad and grads[-1] is not None:
                 grad_input[_region_index(tile)] += grads[-1].to(grad_input.device)
-            del crop, region, grads, aliases
+            del crops, region, grads, aliases, pairs
         result: list[Tensor | None] = []
         found = iter(sums)
         for param, need in zip(self.params, needs_param_grad):
@@ -155,17 +173,18 @@ class _StreamFunction(torch.autograd.Function):
     """Trunk parameters are explicit inputs, so each gets its gradient once per backward."""
 
     @staticmethod
-    def forward(ctx, runner: _TileRunner, keep_graphs: int, x: Tensor, *params: Tensor) -> Tensor:
-        output, kept = runner.forward(x, keep_graphs, requires_input_grad=ctx.needs_input_grad[2])
+    def forward(ctx, runner: _TileRunner, keep_graphs: int, x: Tensor, *params: Tensor):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        outputs, kept = runner.forward(x, keep_graphs, requires_input_grad=ctx.needs_input_grad[2])
         ctx.runner, ctx.kept = runner, kept
         if isinstance(x, Tensor):
             ctx.save_for_backward(x)
         else:
             ctx.source = x
-        return output
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, *grad_outputs: Tensor | None):  # type: ignore[override]
         if torch.is_grad_enabled():
             # A silent first-order answer would be wrong for gradient penalties and the like.
             raise RuntimeError(
@@ -174,7 +193,7 @@ class _StreamFunction(torch.autograd.Function):
             )
         x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
         grad_input, grad_params = ctx.runner.backward(
-            x, grad_output, ctx.kept, ctx.needs_input_grad[3:], ctx.needs_input_grad[2]
+            x, grad_outputs, ctx.kept, ctx.needs_input_grad[3:], ctx.needs_input_grad[2]
         )
         ctx.kept = {}
         return (None, None, grad_input, *grad_params)
@@ -206,6 +225,12 @@ def _check_input(
             f"stream() needs a batched input of shape (N, C, L), (N, C, H, W) or (N, C, D, H, W); got shape "
             f"{tuple(x.shape)}. Add a batch dimension with x.unsqueeze(0)"
         )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"tiles are to run on {device}, but CUDA is not available on this machine (torch.cuda.is_available() "
+            "is False); pass tile_device='cpu' (or leave it None to use the trunk's device), or install a CUDA build "
+            "of PyTorch on a machine with a GPU"
+        )
     if not source and x.device != device and not tile_device_given:
         raise ValueError(
             f"the input is on {x.device} but the trunk's parameters are on {device}; move one of them, or pass "
@@ -230,11 +255,42 @@ def _check_input(
         )
 
 
+def _geometry_for(module: nn.Module, input_shape: Sequence[int]) -> TrunkGeometry:
+    """The trunk's geometry for inputs of ``input_shape``, with messages that say what is
+    wrong with the input when the trunk cannot take it."""
+    spatial_dims = len(input_shape) - 2
+    try:
+        return geometry_of(module, spatial_dims, int(input_shape[1]))
+    except (TraceInputError, ValueError) as error:
+        expected = expected_spatial_dims(module)
+        if expected is not None and expected != spatial_dims:
+            layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[expected]
+            hint = (
+                " Add a batch dimension with x.unsqueeze(0)"
+                if len(input_shape) == expected + 1
+                else ""
+            )
+            raise ValueError(
+                f"the trunk's layers work on {expected} spatial dimension(s), so its input must be {layout}, but the "
+                f"input has shape {tuple(input_shape)}.{hint}"
+            ) from error
+        if isinstance(error, TraceInputError):
+            channels = error.expected_channels
+            hint = ""
+            if channels is not None and int(input_shape[-1]) == channels:
+                order = "(0, 3, 1, 2)" if len(input_shape) == 4 else "(0, 2, 1)" if len(input_shape) == 3 else (
+                    "(0, 4, 1, 2, 3)"
+                )
+                hint = f"; it looks channels-last (N, *spatial, C): pass x.permute{order}"
+            raise ValueError(f"{error} (input shape {tuple(input_shape)}){hint}") from None
+        raise
+
+
 def tile_plan(module: nn.Module, input_shape: Sequence[int], tile_size: int | Sequence[int]) -> TilePlan:
     """The :class:`TilePlan` that :func:`stream` uses for an input of ``input_shape``
     (``(N, C, *spatial)``), without running anything."""
-    spatial = tuple(input_shape[2:])
-    geometry = geometry_of(module, len(spatial))
+    geometry = _geometry_for(module, input_shape)
+    spatial = tuple(int(s) for s in input_shape[2:])
     return _cached_plan(geometry, spatial, normalise_tile_size(tile_size, len(spatial)))
 
 
@@ -256,31 +312,40 @@ def stream(
     keep_graphs: int = 1,
     tile_device: torch.device | str | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
+) -> Any:
     """Compute ``module(input)`` tile by tile, with the same values and gradients.
 
-    The trunk's output is split into a balanced grid of disjoint tiles. For each tile the
+    The trunk's outputs are split into a balanced grid of disjoint tiles. For each tile the
     trunk runs, under ``no_grad``, on the input region that tile's receptive field covers
-    (its start aligned to the trunk's cumulative stride, so every strided layer sees the
-    image's grid), and the exact part of its output is written into the full output. On
-    backward each tile is recomputed with grad and its slice of the output gradient is
-    backpropagated; per-tile parameter gradients are summed locally and returned once,
+    (its start aligned to the trunk's pixel grids, so every strided or resizing layer sees
+    the image's grid), and the exact part of its outputs is written into the full outputs.
+    On backward each tile is recomputed with grad and its slices of the output gradients
+    are backpropagated; per-tile parameter gradients are summed locally and returned once,
     as for any autograd function input, so hooks, gradient accumulation and DDP behave
     as for a conventional module.
 
-    What is exact: the output, the gradient of every trainable parameter of ``module``
+    What is exact: every output, the gradient of every trainable parameter of ``module``
     (any batch size), and the input gradient when ``input.requires_grad``; all equal the
-    un-tiled computation up to floating-point summation order.
+    un-tiled computation up to floating-point summation order. A trunk may return one
+    feature map or a tuple, list or dict of them (e.g. FPN levels); ``stream`` returns the
+    same structure, and the tiles partition every output.
 
-    What is refused, with an error naming the operation (:class:`NotLocalError`): any
-    operation that is not local or not deterministic, found by tracing ``module`` with
-    torch.fx: BatchNorm/InstanceNorm in training mode, GroupNorm, global or adaptive
-    pooling, Dropout in training mode, circular padding, attention, operations that read a
-    feature map's shape, and operations without a geometry rule (register one with
-    :func:`register_module_rule`). A tile that cannot hold one output pixel's receptive
-    field raises :class:`TileTooSmallError` stating the minimum usable tile.
+    What is accepted: any trunk whose PyTorch operations are local, however they are
+    written (convolutions and transposed convolutions, pooling, padding and cropping,
+    integer up- and downsampling, pixel shuffle, eval-mode norms, pixel-wise and
+    per-pixel channel operations including reshapes, permutes and splits of channels,
+    residual and skip connections between feature maps on the same pixel grid). The trunk
+    is analysed once per structure by running it on fake tensors with symbolic sizes.
 
-    Cost: memory holds the input (where it lives), the output, the output gradient and
+    What is refused, with an error naming the module, the line of code and the fix
+    (:class:`NotLocalError`): any operation that is not local or not deterministic:
+    BatchNorm/InstanceNorm in training mode, GroupNorm, global or adaptive pooling and
+    other reductions over space, attention, Dropout or stochastic depth in training mode,
+    circular padding, padding or positions computed from the feature map's size, and
+    operators without a rule. A tile that cannot hold one output pixel's receptive field
+    raises :class:`TileTooSmallError` stating the minimum usable tile.
+
+    Cost: memory holds the input (where it lives), the outputs, the output gradients and
     one tile's activations; no activation of the full image is ever held. Time is one
     extra forward of the trunk (for all tiles but the kept ones) plus the overlap (halo)
     between tiles. ``keep_graphs=k`` keeps the graphs of the last ``k`` tiles from the
@@ -291,7 +356,8 @@ def stream(
 
     Args:
         module: the trunk, a module of local operations mapping (N, C, *spatial) to
-            (N, C', *spatial'), with 1, 2 or 3 spatial dimensions.
+            (N, C', *spatial') (or a structure of such maps), with 1, 2 or 3 spatial
+            dimensions.
         input: the image batch, (N, C, *spatial), of any spatial size: a tensor, or a
             :class:`RegionSource` that reads each tile's region on demand, so the image
             is never held whole (no input gradient then).
@@ -308,17 +374,24 @@ def stream(
     Returns:
         ``module(input)``, computed tile by tile.
     """
-    if not isinstance(keep_graphs, int) or keep_graphs < 0:
-        raise ValueError(f"keep_graphs must be a non-negative int, got {keep_graphs!r}")
+    if not isinstance(keep_graphs, int) or isinstance(keep_graphs, bool) or keep_graphs < 0:
+        raise ValueError(
+            f"keep_graphs must be a non-negative int (the number of tiles whose graphs the forward keeps), "
+            f"got {keep_graphs!r}"
+        )
     if tile_device is not None:
         device = torch.device(tile_device)
     else:
         device = _trunk_device(module, input.device if isinstance(input, Tensor) else torch.device("cpu"))
     _check_input(module, input, device, tile_device is not None, transform)
-    plan = tile_plan(module, input.shape, tile_size)
+    geometry = _geometry_for(module, input.shape)
+    spatial = tuple(int(s) for s in input.shape[2:])
+    plan = _cached_plan(geometry, spatial, normalise_tile_size(tile_size, len(spatial)))
     params = [p for p in module.parameters() if p.requires_grad]
     runner = _TileRunner(module, plan, params, device, transform)
     if not torch.is_grad_enabled() or not (getattr(input, "requires_grad", False) or params):
         with torch.no_grad():
-            return runner.forward(input)[0]
-    return _StreamFunction.apply(runner, min(keep_graphs, len(plan)), input, *params)
+            outputs = runner.forward(input)[0]
+    else:
+        outputs = list(_StreamFunction.apply(runner, min(keep_graphs, len(plan)), input, *params))
+    return pytree.tree_unflatten(outputs, geometry.output_spec)

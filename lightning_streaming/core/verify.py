@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .errors import StreamingMismatchError
 from .plan import TilePlan
@@ -65,11 +66,12 @@ def verify(
     **stream_kwargs,
 ) -> VerificationReport:
     """Run ``module`` streamed and conventionally on the same input and compare outputs,
-    parameter gradients and input gradients.
+    parameter gradients and input gradients (every output, for a trunk that returns a
+    tuple, list or dict of feature maps).
 
     The module is copied and cast to ``dtype`` (float64 by default, so differences are
     rounding, not precision); the original is untouched. ``input`` is a tensor or a shape
-    ``(N, C, *spatial)`` for a random one; the output gradient is random.
+    ``(N, C, *spatial)`` for a random one; the output gradients are random.
 
     Raises :class:`StreamingMismatchError` when any relative error exceeds ``tolerance``
     (default 1e-9 in float64, 1e-3 otherwise) and ``raise_on_mismatch`` is true.
@@ -90,12 +92,12 @@ def verify(
     names = [name for name, p in trunk.named_parameters() if p.requires_grad]
     params = [p for p in trunk.parameters() if p.requires_grad]
 
-    expected = trunk(x)
-    grad_output = torch.randn(expected.shape, generator=generator, dtype=dtype).to(device)
-    expected_grads = torch.autograd.grad(expected, [x, *params], grad_output, allow_unused=True)
+    expected = pytree.tree_leaves(trunk(x))
+    grad_outputs = [torch.randn(e.shape, generator=generator, dtype=dtype).to(device) for e in expected]
+    expected_grads = torch.autograd.grad(expected, [x, *params], grad_outputs, allow_unused=True)
 
-    actual = stream(trunk, x, tile_size, **stream_kwargs)
-    actual_grads = torch.autograd.grad(actual, [x, *params], grad_output, allow_unused=True)
+    actual = pytree.tree_leaves(stream(trunk, x, tile_size, **stream_kwargs))
+    actual_grads = torch.autograd.grad(actual, [x, *params], grad_outputs, allow_unused=True)
 
     def error(a: Tensor | None, e: Tensor | None) -> float:
         if a is None or e is None:
@@ -105,7 +107,9 @@ def verify(
     report = VerificationReport(
         plan=tile_plan(trunk, x.shape, tile_size),
         tolerance=tolerance if tolerance is not None else (1e-9 if dtype == torch.float64 else 1e-3),
-        output=error(actual, expected) if actual.shape == expected.shape else float("inf"),
+        output=max(
+            error(a, e) if a.shape == e.shape else float("inf") for a, e in zip(actual, expected)
+        ) if len(actual) == len(expected) else float("inf"),
         input_grad=error(actual_grads[0], expected_grads[0]),
         parameter_grads={n: error(a, e) for n, a, e in zip(names, actual_grads[1:], expected_grads[1:])},
     )
