@@ -371,3 +371,31 @@ def test_region_source_returning_a_wrong_shape_is_reported():
 
     with pytest.raises(ValueError, match=r"Broken.read.*returned \(1, 3, 5, 5\), expected a tensor of shape"):
         ls.stream(table1_network(), Broken(), 16, transform=lambda t: t.float())
+
+
+@pytest.mark.parametrize("keep_transform", [False, True])
+def test_input_gradients_tile_by_tile_sum_to_the_input_gradient(keep_transform):
+    """Per-tile input gradients, added over their (overlapping) regions, equal the input gradient."""
+    from lightning_streaming.core import input_gradients
+
+    trunk = resnet_trunk(depth=1).double()
+    image = torch.randint(0, 256, (2, 3, 75, 61), dtype=torch.uint8)
+
+    def normalise(tile):
+        return tile.double() / 255 - 0.5
+
+    pixels = normalise(image).requires_grad_()
+    out = trunk(pixels)
+    grad_output = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, pixels, grad_output)
+    total = torch.zeros_like(expected)
+    regions = []
+    source = image if keep_transform else normalise(image)
+    transform = normalise if keep_transform else None
+    for region, gradient in input_gradients(trunk, source, 50, grad_output, transform=transform):
+        total[(slice(None), slice(None), *region)] += gradient
+        regions.append(region)
+    assert len(regions) == len(ls.tile_plan(trunk, image.shape, 50)) > 2
+    assert regions == sorted(regions, key=lambda r: tuple(s.start for s in r))  # raster order
+    torch.testing.assert_close(total, expected, rtol=1e-10, atol=1e-13)
+    assert all(p.grad is None for p in trunk.parameters())

@@ -10,7 +10,7 @@ from .plan import Segment, TilePlan
 from .rules import OpCall, OpGeometry, Refusal, pixelwise, register_module_rule
 from .source import RegionSource
 from .statistics import ChannelMoments, channel_moments, trunk_layers
-from .stream import stream, tile_plan
+from .stream import input_gradients, stream, tile_plan
 from .verify import VerificationReport, verify
 from .window import Window
 
@@ -33,6 +33,7 @@ __all__ = [
     "Window",
     "expected_spatial_dims",
     "geometry_of",
+    "input_gradients",
     "pixelwise",
     "register_module_rule",
     "stream",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -302,6 +302,62 @@ def _cached_plan(geometry: TrunkGeometry, spatial: tuple[int, ...], tiles: tuple
             plans.pop(next(iter(plans)))
         plans[key] = plan_tiles(geometry, spatial, tiles)
     return plans[key]
+
+
+def input_gradients(
+    module: nn.Module,
+    input: Tensor | RegionSource,
+    tile_size: int | Sequence[int],
+    grad_outputs: Any,
+    *,
+    tile_device: torch.device | str | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Iterator[tuple[tuple[slice, ...], Tensor]]:
+    """The gradient of ``sum(grad_outputs * module(input))`` with respect to the input,
+    one tile at a time: yields ``(region, gradient)`` for each tile in raster order (the
+    last spatial dimension fastest), where ``region`` is the tile's input box (one slice
+    per spatial dimension) and ``gradient`` the ``(N, C, *region)`` gradient of the tile's
+    share of the outputs with respect to its region.
+
+    The input gradient is the sum of the yielded gradients over their regions (regions
+    overlap by the halo), so it need never exist whole: a caller reduces it as it goes
+    (e.g. saliency maps of a gigapixel slide). With ``transform``, the gradient is with
+    respect to the transformed region (e.g. the normalised pixels of a uint8 image).
+    Parameters receive no gradient.
+
+    Args:
+        grad_outputs: gradients of the trunk's outputs, in the structure the trunk
+            returns (one tensor for a single feature map); None for an output that does
+            not contribute.
+    """
+    if tile_device is not None:
+        device = torch.device(tile_device)
+    else:
+        device = _trunk_device(module, input.device if isinstance(input, Tensor) else torch.device("cpu"))
+    _check_input(module, input, device, tile_device is not None, transform)
+    geometry = _geometry_for(module, input.shape)
+    spatial = tuple(int(s) for s in input.shape[2:])
+    plan = _cached_plan(geometry, spatial, normalise_tile_size(tile_size, len(spatial)))
+    runner = _TileRunner(module, plan, [], device, None)
+    grads = pytree.tree_leaves(grad_outputs, is_leaf=lambda g: g is None)
+    if len(grads) != len(plan.output_shapes):
+        raise ValueError(f"grad_outputs has {len(grads)} tensors but the trunk returns {len(plan.output_shapes)}")
+    for tile in runner.tiles:
+        region = runner.read(input, tile)
+        with torch.enable_grad():
+            pixels = (region if transform is None else transform(region)).detach().requires_grad_()
+            crops = runner.run(pixels, tile)
+            pairs = [
+                (crop, grad[_output_index(tile, k)].to(crop.device))
+                for k, (crop, grad) in enumerate(zip(crops, grads))
+                if grad is not None and crop.numel()
+            ]
+            if pairs and any(c.requires_grad for c, _ in pairs):
+                (gradient,) = torch.autograd.grad([c for c, _ in pairs], [pixels], [g for _, g in pairs])
+            else:
+                gradient = torch.zeros_like(pixels)
+        yield _region_index(tile)[2:], gradient
+        del crops, pairs, pixels, gradient
 
 
 def stream(
