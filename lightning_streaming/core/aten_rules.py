@@ -50,6 +50,9 @@ def rule_for(func: Any) -> Rule:
     size_aware = func in _SIZE_AWARE or func.overloadpacket in _SIZE_AWARE
 
     def checked(op: Op) -> Any:
+        if torch.Tag.nondeterministic_seeded in op.func.tags:
+            # Even on constants (a stochastic-depth mask): the recomputed tile would draw other values.
+            return _default(op)
         if not op.spatial:
             return _constant(op)
         if not size_aware and any(op.symbols.depends(a) for a in pytree.tree_leaves((op.args, op.kwargs))):
@@ -225,7 +228,7 @@ def _pointwise(op: Op) -> Any:
     ndim = max(t.dim() for t in tensors)
     layout = _broadcast_layout(op, tensors, ndim)
     node = op.merged_node()
-    out = op.call()
+    out = op.call(aligned=True)
     extents = _extents(op)
     first = None
     for tensor in pytree.tree_leaves(out):
@@ -486,7 +489,7 @@ def _gather(op: Op) -> Any:
     index_value = op.value(op.arg("index"))
     if not is_feature(value.layout[dim]) or index_value is None or index_value.layout != value.layout:
         raise Refusal("it gathers along a spatial dimension, or with indices that are not per-pixel")
-    out = op.call()
+    out = op.call(aligned=True)
     return op.emit(out, op.merged_node(), value.layout, value.extents)
 
 
@@ -511,7 +514,7 @@ def _cat(op: Op) -> Any:
                 f"{describe(first)})"
             )
     node = op.merged_node(values)
-    out = op.call()
+    out = op.call(aligned=True)
     return op.emit(out, node, with_feature_sizes(first, out.shape), _extents(op))
 
 
@@ -587,7 +590,7 @@ def _product(op: Op, a: Tensor, b: Tensor, batched: bool) -> Any:
         raise Refusal(f"it forms products of every position with every other ({op.name}): attention belongs in the head")
     layout = ((batch,) if batched else ()) + (rows, cols)
     node = op.merged_node([v for v in (va, vb) if v is not None])
-    out = op.call()
+    out = op.call(aligned=True)
     return op.emit(out, node, with_feature_sizes(layout, out.shape), _extents(op))
 
 
@@ -643,7 +646,7 @@ def _batch_norm(op: Op) -> Any:
     return (out, *extra) if extra else out
 
 
-@_register("native_group_norm", "group_norm")
+@_register("native_group_norm", "group_norm", size_aware=True)
 def _group_norm(op: Op) -> Any:
     raise Refusal(
         "GroupNorm normalises with statistics of the whole feature map (per group of channels); move it to the head, "

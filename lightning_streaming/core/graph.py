@@ -73,9 +73,6 @@ class TrunkGeometry:
             for d in range(self.spatial_dims)
         )
         self.output_scales = [self.nodes[i].scale for i in self.outputs]
-        self.has_constraints = any(len(n.inputs) > 1 or n.ties or _divides(n) for n in self.nodes) or bool(
-            self.conditions
-        )
         self._cache: dict = {}
 
     @property
@@ -198,10 +195,6 @@ class TrunkGeometry:
         return found[0]
 
 
-def _divides(node: GeoNode) -> bool:
-    return node.windows is not None and any(getattr(w, "divisor", 1) > 1 for w in node.windows if w is not None)
-
-
 def _union(a: tuple[int, int] | None, b: tuple[int, int]) -> tuple[int, int]:
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
@@ -226,7 +219,7 @@ def identity_windows(spatial_dims: int) -> tuple:
 
 _MAX_STRUCTURES = 64
 _BY_STRUCTURE: "OrderedDict[tuple, TrunkGeometry]" = OrderedDict()
-_BY_MODULE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, TrunkGeometry]]" = weakref.WeakKeyDictionary()
+_BY_MODULE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, TrunkGeometry]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -259,11 +252,16 @@ def structure_key(module: nn.Module) -> tuple:
 
 
 def geometry_of(
-    module: nn.Module, spatial_dims: int, channels: int | None = None, batch: int | None = None
+    module: nn.Module,
+    spatial_dims: int,
+    channels: int | None = None,
+    batch: int | None = None,
+    hints: tuple[int, ...] | None = None,
 ) -> TrunkGeometry:
     """The :class:`TrunkGeometry` of ``module`` for inputs with ``spatial_dims`` spatial
     dimensions and ``channels`` channels (default: the ``in_channels`` of its first
-    convolution), analysed once per trunk structure and cached.
+    convolution), analysed once per trunk structure and cached. ``hints``: example input
+    sizes at which the trunk's own conditions on sizes are taken (see :func:`.tracing.analyse`).
 
     Raises :class:`~lightning_streaming.NotLocalError` naming the first operation that
     cannot be streamed exactly.
@@ -272,20 +270,23 @@ def geometry_of(
 
     if channels is None:
         channels = default_channels(module)
-    key = (structure_key(module), spatial_dims, channels, batch)
+    key = (structure_key(module), spatial_dims, channels, batch, hints)
     with _LOCK:
         cached = _BY_MODULE.get(module)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and key in cached:
+            return cached[key]
         geometry = _BY_STRUCTURE.get(key)
         if geometry is not None:
             _BY_STRUCTURE.move_to_end(key)
     if geometry is None:
-        geometry = analyse(module, spatial_dims, channels, batch)
+        geometry = analyse(module, spatial_dims, channels, batch, hints)
         with _LOCK:
             _BY_STRUCTURE[key] = geometry
             if len(_BY_STRUCTURE) > _MAX_STRUCTURES:
                 _BY_STRUCTURE.popitem(last=False)
     with _LOCK:
-        _BY_MODULE[module] = (key, geometry)
+        per_module = _BY_MODULE.setdefault(module, {})
+        if len(per_module) > 8:
+            per_module.clear()
+        per_module[key] = geometry
     return geometry

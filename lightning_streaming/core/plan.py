@@ -152,13 +152,12 @@ class _DimensionPlanner:
             assert needed is not None
             start = needed[0] // self.align * self.align
             stop = needed[1] + 1
-            if self.geometry.has_constraints:
-                # Branches that meet must have equal lengths, and the trunk's own conditions must hold, in the tile too.
-                while stop < self.length and self.geometry.lengths(self.dim, stop - start) is None:
-                    stop += 1
-                if self.geometry.lengths(self.dim, stop - start) is None:
-                    while start > 0 and self.geometry.lengths(self.dim, stop - start) is None:
-                        start -= self.align
+            # The trunk must run on the tile: no empty feature map, branches that meet of equal lengths,
+            # lengths the operations accept, and the trunk's own conditions as for the image.
+            while stop < self.length and self.geometry.lengths(self.dim, stop - start) is None:
+                stop += 1
+            while start > 0 and self.geometry.lengths(self.dim, stop - start) is None:
+                start -= self.align
             outputs = tuple(
                 (first, max(last + 1, first), int(start * Fraction(scale[self.dim])))
                 for (first, last), scale in zip(ranges, self.geometry.output_scales)

@@ -259,8 +259,15 @@ def _geometry_for(module: nn.Module, input_shape: Sequence[int]) -> TrunkGeometr
     """The trunk's geometry for inputs of ``input_shape``, with messages that say what is
     wrong with the input when the trunk cannot take it."""
     spatial_dims = len(input_shape) - 2
+    spatial = tuple(int(s) for s in input_shape[2:])
     try:
-        return geometry_of(module, spatial_dims, int(input_shape[1]))
+        geometry = geometry_of(module, spatial_dims, int(input_shape[1]))
+        if geometry.conditions and any(geometry.lengths(d, n) is None for d, n in enumerate(spatial)):
+            # The trunk's own code takes another path at this image's size: analyse it at this size.
+            at_size = geometry_of(module, spatial_dims, int(input_shape[1]), hints=spatial)
+            if all(at_size.lengths(d, n) is not None for d, n in enumerate(spatial)):
+                return at_size
+        return geometry
     except (TraceInputError, ValueError) as error:
         expected = expected_spatial_dims(module)
         if expected is not None and expected != spatial_dims:

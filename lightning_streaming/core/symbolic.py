@@ -56,20 +56,28 @@ _MACHINERY = (
 )
 
 
-def _condition_site() -> str | None:
-    """Where the condition being evaluated comes from: ``"file:line: code"`` when it is the
-    trunk's own code (or a library it uses), None when it is PyTorch's (its Python
-    functions and modules check sizes for their own purposes)."""
+_SYM_TYPES_FILE = os.path.join(_TORCH_DIR, "__init__.py")  # SymInt.__bool__ and friends live there
+
+
+def _condition_site(boolean: bool) -> str | None:
+    """Where the question being answered comes from: ``"file:line: code"`` when it is the
+    trunk's own code (or a library it uses), None when it is PyTorch's own checks.
+
+    A condition (``if h % 2``) counts when Python evaluated it (through ``SymBool.__bool__``);
+    a conversion to a number (``int(h)``, ``torch.linspace(0, 1, h)``) counts when the code
+    that asked is not PyTorch's (its kernels convert sizes for their own bookkeeping)."""
     frame = sys._getframe(2)
+    from_python = False
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_MACHINERY) and filename != __file__:
+        from_python = from_python or filename == _SYM_TYPES_FILE
+        # The analyser's own pass-through frames (its function mode) are transparent too.
+        if not filename.startswith(_MACHINERY) and not filename.startswith(_PACKAGE_DIR):
             break
         frame = frame.f_back
-    if frame is None:
+    if frame is None or os.path.abspath(frame.f_code.co_filename).startswith(_TORCH_DIR):
         return None
-    filename = os.path.abspath(frame.f_code.co_filename)
-    if filename.startswith(_TORCH_DIR) or filename.startswith(_PACKAGE_DIR):
+    if boolean and not from_python:
         return None
     line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
     return f"{frame.f_code.co_filename}:{frame.f_lineno}: {line}"
@@ -97,6 +105,10 @@ def _source_class() -> type:
 
 
 _SOURCE: type | None = None
+
+
+class SizeAsNumber(Exception):
+    """The trunk turned a spatial size into a plain number (the text says where)."""
 
 
 @dataclasses.dataclass
@@ -166,7 +178,14 @@ class SymbolTable:
     def _evaluate_expr(self, expression: Any, hint: Any = None, fx_node: Any = None, *args: Any, **kwargs: Any) -> Any:
         value = expression.xreplace(self.hints)
         if not self.internal and expression.free_symbols & self.hints.keys():
-            site = _condition_site()
+            boolean = isinstance(value, sympy.logic.boolalg.BooleanAtom)
+            site = _condition_site(boolean)
+            if not boolean and site is not None:
+                # int(h), float(h), range(h), torch.linspace(..., h): the size becomes a plain number.
+                raise SizeAsNumber(
+                    f"it converts a spatial size to a number at {site}; every tile has another size than the image, "
+                    "so use the size only to reshape the same feature map, or move this to the head"
+                )
             if site is not None:
                 self.conditions.append(RecordedCondition(expression, value, site))
         return value

@@ -36,7 +36,7 @@ from .errors import NotLocalError
 from .graph import Condition, GeoNode, TrunkGeometry
 from .layout import Layout, channels_first, describe, is_feature, spatial_dim
 from .rules import OpCall, OpGeometry, Refusal, SpatialArg, module_rule
-from .symbolic import INPUT_HINT, SymbolTable, user_frame
+from .symbolic import INPUT_HINT, SizeAsNumber, SymbolTable, user_frame
 
 
 @dataclass
@@ -103,8 +103,9 @@ def expected_spatial_dims(module: nn.Module) -> int | None:
 class Tracer:
     """One analysis of one trunk: the modes, the module hooks and what they record."""
 
-    def __init__(self, module: nn.Module, spatial_dims: int, channels: int, batch: int):
+    def __init__(self, module: nn.Module, spatial_dims: int, channels: int, batch: int, hints: tuple | None = None):
         self.module = module
+        self.input_hints = tuple(hints) if hints is not None else (INPUT_HINT,) * spatial_dims
         self.spatial_dims = spatial_dims
         self.channels, self.batch = channels, batch
         self.symbols = SymbolTable()
@@ -160,7 +161,8 @@ class Tracer:
         if self.module_stack and self.module_stack[-1][0]:
             name, module = self.module_stack[-1]
             return f"module '{name}' ({type(module).__name__})"
-        return "an operation in the trunk's forward"
+        frame = user_frame()
+        return f"the operation at {frame}" if frame else "an operation in the trunk's forward"
 
     def add_node(self, inputs: tuple[int, ...], windows: tuple | None, ties: tuple = ()) -> int:
         """A new node computed from ``inputs`` with one window per spatial dimension (None:
@@ -197,11 +199,11 @@ class Tracer:
         dtype = param.dtype if param is not None else torch.get_default_dtype()
         device = param.device if param is not None else torch.device("cpu")
         self.nodes.append(GeoNode("the input", (), None, (Fraction(1),) * self.spatial_dims))
-        self.node_hints.append((INPUT_HINT,) * self.spatial_dims)
+        self.node_hints.append(self.input_hints)
         handles = []
         try:
             with fake:
-                extents = {d: self.symbols.fresh(INPUT_HINT, 0, d) for d in range(self.spatial_dims)}
+                extents = {d: self.symbols.fresh(self.input_hints[d], 0, d) for d in range(self.spatial_dims)}
                 x = torch.empty(
                     (self.batch, self.channels, *extents.values()), dtype=dtype, device=device
                 )
@@ -215,7 +217,7 @@ class Tracer:
                     out = self.module(x)
         except (NotLocalError, TraceInputError):
             raise
-        except Refusal as refusal:  # raised outside an operator (e.g. a stale view as an output)
+        except (Refusal, SizeAsNumber) as refusal:  # raised outside an operator
             raise NotLocalError(f"cannot stream {self.context()}: {refusal}") from None
         except Exception as error:  # noqa: BLE001 - any failure of the trunk on fake tensors
             if self.failure is not None:
@@ -292,8 +294,9 @@ class Tracer:
                 side.is_Number for side in (expression.lhs, expression.rhs)
             ) and recorded.value == sympy.true:
                 raise NotLocalError(
-                    f"cannot stream the trunk: its code uses a spatial size as a number at {recorded.where} "
-                    "(e.g. int(h), range(h), or a size-dependent loop); every tile has another size"
+                    f"cannot stream the trunk: its code requires a spatial size to be exactly "
+                    f"{next(side for side in (expression.lhs, expression.rhs) if side.is_Number)} at {recorded.where}; "
+                    "every tile has another size than the image"
                 )
             conditions.append(Condition(expression, recorded.value, dims.pop(), symbols, recorded.where))
         return conditions
@@ -432,6 +435,14 @@ def _returns_tensors(func: Any) -> bool:
     return any("Tensor" in str(r.type) for r in func._schema.returns)
 
 
+def _size_with(symbols: SymbolTable, tensor: Tensor, value: Value, d: int, fallback: Any) -> Any:
+    """The SymInt size of spatial dimension ``d`` in ``tensor`` (when its hint equals ``fallback``'s)."""
+    for size, dim in zip(tensor.shape, value.layout):
+        if spatial_dim(dim) == d:
+            return size if symbols.hint(size) == symbols.hint(fallback) else fallback
+    return fallback
+
+
 def _root(tensor: Tensor) -> Tensor:
     while tensor._base is not None:
         tensor = tensor._base
@@ -550,9 +561,30 @@ class Op:
     def symbols(self) -> SymbolTable:
         return self.tracer.symbols
 
-    def call(self) -> Any:
-        """Run the operator on the fake tensors (PyTorch's own shape rules)."""
-        return self.func(*self.args, **self.kwargs)
+    def call(self, aligned: bool = False) -> Any:
+        """Run the operator on the fake tensors (PyTorch's own shape rules). With
+        ``aligned``, feature maps that meet here are first viewed with the size symbols of
+        the first one: their lengths are equal by the planner's checks, which PyTorch's
+        kernels cannot see from two different symbols."""
+        if not aligned or len(self.spatial) < 2:
+            return self.func(*self.args, **self.kwargs)
+        first_tensor, first = self.spatial[0]
+        replacements = {}
+        for tensor, value in self.spatial[1:]:
+            if tensor is first_tensor or value.extents == first.extents:
+                continue
+            sizes = list(tensor.shape)
+            for index, dim in enumerate(value.layout):
+                d = spatial_dim(dim)
+                if d is not None and d in first.extents:
+                    sizes[index] = _size_with(self.tracer.symbols, first_tensor, first, d, sizes[index])
+            replacements[id(tensor)] = torch.ops.aten.as_strided.default(
+                tensor, sizes, list(tensor.stride()), tensor.storage_offset()
+            )
+        args, kwargs = pytree.tree_map_only(
+            Tensor, lambda t: replacements.get(id(t), t), (self.args, self.kwargs)
+        )
+        return self.func(*args, **kwargs)
 
     def emit(self, out: Tensor, node: int, layout: Layout, extents: dict) -> Tensor:
         return self.tracer.track(out, node, layout, extents)
@@ -604,8 +636,13 @@ class _FunctionMode:
         return Mode()
 
 
-def analyse(module: nn.Module, spatial_dims: int, channels: int, batch: int | None = None) -> TrunkGeometry:
+def analyse(
+    module: nn.Module, spatial_dims: int, channels: int, batch: int | None = None, hints: tuple | None = None
+) -> TrunkGeometry:
     """Analyse ``module`` for inputs ``(batch, channels, *spatial_dims sizes)``; raise
-    :class:`NotLocalError` naming the first operation that cannot be streamed exactly."""
+    :class:`NotLocalError` naming the first operation that cannot be streamed exactly.
+
+    ``hints`` are the example spatial sizes the trunk's own conditions on sizes are
+    evaluated at (default: a large size divisible by common strides)."""
     _check_signature(module)
-    return Tracer(module, spatial_dims, channels, batch if batch is not None else 2).run()
+    return Tracer(module, spatial_dims, channels, batch if batch is not None else 2, hints).run()

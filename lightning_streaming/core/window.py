@@ -62,6 +62,8 @@ class Window:
         -1 for a length the operation refuses."""
         if self.divisor > 1 and length % self.divisor:
             return -1
+        if self.pad_mode == "reflect" and length <= max(self.pad_lo, self.pad_hi):
+            return -1  # PyTorch reflects only within the input
         room = length + self.pad_lo + self.pad_hi - self.span
         if room < 0:
             return 0
@@ -75,8 +77,10 @@ class Window:
 
     def input_box(self, lo: int, hi: int, length: int) -> tuple[int, int]:
         """Input pixels (inclusive box, clipped to the input) read by outputs ``lo..hi``."""
-        first = lo * self.stride - self.pad_lo
-        last = hi * self.stride - self.pad_lo + self.span - 1
+        # A crop (negative padding) removes the first or last pixels of a *tile* too: the region
+        # must reach that far past what the outputs read, so that they survive the crop.
+        first = lo * self.stride - max(self.pad_lo, 0)
+        last = hi * self.stride - self.pad_lo + self.span - 1 + max(0, -self.pad_hi)
         if self.pad_mode == "reflect":
             # Reflection at a true border reads pixels 1..pad from that border.
             if first < 0:
