@@ -48,6 +48,7 @@ class Value:
     extents: dict  # spatial dim -> sympy expression of its length in this tensor
     generation: int  # writes to the tensor's storage when this was recorded
     origin: str = ""  # the module (or operation) that made it, for messages
+    root: int = 0  # id of the tensor owning its storage (the base of a view)
 
 
 class TraceInputError(ValueError):
@@ -129,7 +130,7 @@ class Tracer:
         entry = self.values.get(id(tensor))
         if entry is None or entry[0] is not tensor:
             return None
-        if self.generations.get(id(_root(tensor)), 0) != entry[1].generation:
+        if self.generations.get(entry[1].root, 0) != entry[1].generation:
             raise Refusal(
                 "it uses a feature map after it was changed in place through another view of it "
                 "(e.g. y = x[:, :2]; x.add_(...); use y); write the computation out of place"
@@ -139,12 +140,20 @@ class Tracer:
     def is_uniform(self, tensor: Any) -> bool:
         return isinstance(tensor, Tensor) and self.uniform.get(id(tensor)) is tensor
 
-    def track(self, tensor: Tensor, node: int, layout: Layout, extents: dict) -> Tensor:
+    def track(self, tensor: Tensor, node: int, layout: Layout, extents: dict, root: int | None = None) -> Tensor:
+        """Record what is known of ``tensor``; ``root``: the id of the tensor owning its
+        storage when it is a view made inside the analysis (PyTorch links a view to its
+        base only after the operator returns)."""
         if len(layout) != tensor.dim():
             raise AssertionError(f"internal: layout {layout} for a tensor of {tensor.dim()} dimensions")
-        generation = self.generations.get(id(_root(tensor)), 0)
-        self.values[id(tensor)] = (tensor, Value(node, layout, dict(extents), generation, self.node_name()))
+        root = id(_root(tensor)) if root is None else root
+        generation = self.generations.get(root, 0)
+        self.values[id(tensor)] = (tensor, Value(node, layout, dict(extents), generation, self.node_name(), root))
         return tensor
+
+    def storage_of(self, tensor: Tensor) -> int:
+        entry = self.values.get(id(tensor))
+        return entry[1].root if entry is not None and entry[0] is tensor else id(_root(tensor))
 
     # ------------------------------------------------------------------ nodes
     def context(self) -> str:
@@ -209,12 +218,13 @@ class Tracer:
                 )
             layout = channels_first(self.batch, self.channels, self.spatial_dims)
             self.track(x, 0, layout, {d: e.node.expr for d, e in extents.items()})
-            with hooks_suspended(self.module):
-                for m in self.module.modules():
-                    handles.append(m.register_forward_pre_hook(self._pre_hook))
-                    handles.append(m.register_forward_hook(self._post_hook))
-                with fake, _FunctionMode(self), _DispatchMode(self), torch.no_grad(), _autocast_off(device):
-                    out = self.module(x)
+            # The users' own forward hooks run too: they are part of what the trunk computes (timm's
+            # FeatureHookNet collects its outputs with them).
+            for m in self.module.modules():
+                handles.append(m.register_forward_pre_hook(self._pre_hook, prepend=True))
+                handles.append(m.register_forward_hook(self._post_hook))
+            with fake, _FunctionMode(self), _DispatchMode(self), torch.no_grad(), _autocast_off(device):
+                out = self.module(x)
         except (NotLocalError, TraceInputError):
             raise
         except (Refusal, SizeAsNumber) as refusal:  # raised outside an operator
@@ -270,6 +280,11 @@ class Tracer:
                     f"as {expected} (e.g. permute a channels-last result back)"
                 )
             outputs.append(value.node)
+        if not outputs:
+            raise NotLocalError(
+                f"the trunk{_called_at()} returns {type(out).__name__} {out!r} with no feature map in it; a streamed "
+                f"trunk returns feature maps {expected} (one tensor, or a tuple, list or dict of them)"
+            )
         conditions = self._conditions()
         return TrunkGeometry(
             self.nodes, outputs, self.spatial_dims, conditions, spec, dict(self.module_nodes), list(self.calls)
@@ -398,7 +413,7 @@ class Tracer:
             # An in-place write makes every other view of the same storage out of date.
             for argument, value in zip(func._schema.arguments, args):
                 if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Tensor):
-                    root = id(_root(value))
+                    root = self.storage_of(value)
                     self.generations[root] = self.generations.get(root, 0) + 1
             return rule_for(func)(op)
 
@@ -486,7 +501,8 @@ def _trace_failure(module: nn.Module, error: Exception) -> str:
         f"could not analyse the trunk {type(module).__name__}: running it on a symbolic input failed{where} "
         f"({type(error).__name__}: {error}). Streaming runs the trunk once on fake tensors whose spatial sizes are "
         "symbols to prove every operation is local; check that the trunk runs on inputs of this channel count and "
-        "any spatial size, or register a rule for the offending module with lightning_streaming.register_module_rule"
+        "any spatial size (forward hooks run too, on fake tensors), or register a rule for the offending module with "
+        "lightning_streaming.register_module_rule"
     )
 
 
@@ -587,7 +603,17 @@ class Op:
         return self.func(*args, **kwargs)
 
     def emit(self, out: Tensor, node: int, layout: Layout, extents: dict) -> Tensor:
-        return self.tracer.track(out, node, layout, extents)
+        return self.tracer.track(out, node, layout, extents, self._aliased_storage())
+
+    def _aliased_storage(self) -> int | None:
+        """The storage the operator's result shares (a view, or the target of an in-place
+        operator), from PyTorch's alias annotations; None for a new tensor."""
+        if not any(r.alias_info is not None for r in self.func._schema.returns):
+            return None
+        for argument, value in zip(self.func._schema.arguments, self.args):
+            if argument.alias_info is not None and isinstance(value, Tensor):
+                return self.tracer.storage_of(value)
+        return None
 
     def merged_node(self, values: list[Value] | None = None) -> int:
         """The node of a pixel-wise result of ``values`` (default: every followed argument)."""
