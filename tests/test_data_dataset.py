@@ -259,6 +259,15 @@ def test_channel_mean_std_is_exact_over_tensors_and_sources():
         ls.Uint8Normalize([0.5], [0.0])
 
 
+def test_uint8_normalize_refuses_0_255_statistics_and_float_tiles():
+    with pytest.raises(ValueError, match=r"look like 0-255 values. Divide them by 255: Uint8Normalize\(\[0.485, "):
+        ls.Uint8Normalize([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
+    normalise = ls.Uint8Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    with pytest.raises(ValueError, match="got a torch.float32 tile: normalising it would divide by 255 again"):
+        normalise(torch.rand(1, 3, 4, 4))
+    torch.testing.assert_close(normalise(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.full((1, 3, 2, 2), 2.0))
+
+
 def test_stats_command_prints_mean_and_std(cmu_manifest, capsys):
     import json
 

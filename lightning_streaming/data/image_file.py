@@ -64,11 +64,10 @@ class PlainImage:
         self.level_dimensions = (image.size,)  # (width, height), as OpenSlide gives it
         self.level_downsamples = (1.0,)
         self.properties = {"image.format": self.format, "image.mode": image.mode}
-        tags = getattr(image, "tag_v2", None)
-        resolution = image.info.get("resolution")
-        if tags is not None and tags.get(296) == _CENTIMETER and resolution and min(resolution) > 0:
-            self.properties["openslide.mpp-x"] = str(1e4 / float(resolution[0]))
-            self.properties["openslide.mpp-y"] = str(1e4 / float(resolution[1]))
+        tags = getattr(image, "tag_v2", None)  # TIFF tags: ResolutionUnit 296, XResolution 282, YResolution 283
+        if tags is not None and tags.get(296) == _CENTIMETER and float(tags.get(282, 0)) > 0 < float(tags.get(283, 0)):
+            self.properties["openslide.mpp-x"] = str(1e4 / float(tags[282]))
+            self.properties["openslide.mpp-y"] = str(1e4 / float(tags[283]))
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
         """RGBA pixels of the box at ``location`` (x, y) of ``size`` (width, height)."""
