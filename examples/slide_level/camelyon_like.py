@@ -60,6 +60,12 @@ def smoke_manifests(folder: Path, slides: ls.ExampleSlides) -> tuple[Path, Path]
 DEFAULTS = TaskDefaults(
     name="camelyon_like", task="classification", dropout=0.0, batch_norm=False, weight_decay=1e-6, lsuv=True,
     smoke_manifests=smoke_manifests,
+    smoke_note=(
+        "Smoke mode: two example slides. Class 'tissue' is the real H&E slide CMU-1-Small-Region (read as scanned "
+        "at three spacings), class 'blank' is a 16 x 16 px slide that is white padding at this spacing; 6 training "
+        "and 4 validation rows, 3 epochs. Telling tissue from white is easy, yet with 4 validation rows AUROC and "
+        "accuracy move in large steps: this run shows the pipeline works end to end, not how well a model learns."
+    ),
 )  # fmt: skip
 
 
