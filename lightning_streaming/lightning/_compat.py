@@ -205,7 +205,9 @@ class _LightningTypedMeta(ABCMeta):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls._lightning_package is None:  # a template: instantiate the variant in use
             return cls.for_package(choose_package())(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
+        # Not super(): a __class__ cell here would make Lightning's save_hyperparameters (before
+        # 2.6) take this frame for a constructor's while it walks up the frames of __init__.
+        return type.__call__(cls, *args, **kwargs)
 
     # The variants we build stand for the whole class: either package's instance is one of them.
     def __instancecheck__(cls, instance: Any) -> bool:
