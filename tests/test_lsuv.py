@@ -206,12 +206,16 @@ def test_every_layer_reaches_the_target_std(tmp_path, caplog, streamed, center, 
     trainer = pl.Trainer(
         strategy=strategy, max_steps=1, callbacks=[lsuv], **quiet(logger=CSVLogger(tmp_path, name="", version=""))
     )
-    shown = Capture()  # where Lightning shows its model summary: its own console logger
-    logging.getLogger("pytorch_lightning").addHandler(shown)
+    shown = Capture()  # where Lightning shows its model summary: its own console logger (INFO, as Lightning sets it)
+    console = logging.getLogger("pytorch_lightning")
+    level = console.level  # other tests' examples quieten it
+    console.addHandler(shown)
+    console.setLevel(logging.INFO)
     try:
         trainer.fit(model, DataLoader(data, batch_size=None))
     finally:
-        logging.getLogger("pytorch_lightning").removeHandler(shown)
+        console.removeHandler(shown)
+        console.setLevel(level)
 
     # The weights when training started, on the calibration batches (the first 3), measured conventionally.
     trunk = small_trunk()
