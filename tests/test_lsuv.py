@@ -238,6 +238,28 @@ def test_every_layer_reaches_the_target_std(tmp_path, caplog, streamed, center, 
     assert "3 calibration batches" in table and "std before [min, max]" in table
 
 
+def test_a_module_assigned_as_tile_transform_is_measured_through():
+    """An nn.Module tile_transform lives in _modules (the mixin's class attribute would hide
+    it): the calibration images must pass through it, as they do in training."""
+
+    class Shift(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 30.0 + 7.0  # far from the untransformed images' statistics
+
+    torch.manual_seed(0)
+    model = Net(small_trunk())
+    model.tile_transform = Shift()
+    data = batches(2, (32, 32), seed=4)
+    lsuv = ls.StreamingLSUV(num_batches=2, center=True, verbose=False)
+    pl.Trainer(strategy=ls.StreamingStrategy(tile_size=24), max_steps=1, callbacks=[lsuv], **quiet()).fit(
+        model, DataLoader(data, batch_size=None)
+    )
+    trunk = small_trunk()
+    trunk.load_state_dict(model.start_state)
+    moments = untiled_moments(trunk, [Shift()(x) for x, _ in data], "0")
+    assert ((moments.std - 1).abs() <= 0.01).all() and (moments.mean.abs() <= 0.01).all(), moments.std
+
+
 def test_grouped_and_transposed_convolutions_are_scaled_per_output_channel():
     # ConvTranspose keeps output channels in weight dimension 1, per group; not streamable, so conventional.
     trunk = nn.Sequential(

@@ -206,6 +206,7 @@ class StreamingLSUV(LightningTyped, lightning_base="callbacks.Callback"):
         device = trainer.strategy.root_device
         metric = ChannelMomentsMetric(_out_channels(module)).to(device)
         settings = pl_module.streaming_settings
+        transform = pl_module.streaming_transform()
         error: Exception | None = None
         try:
             with trainer.precision_plugin.forward_context():
@@ -213,10 +214,10 @@ class StreamingLSUV(LightningTyped, lightning_base="callbacks.Callback"):
                     if settings is not None:
                         tile = settings.resolve_tile_size(trunk, x, device, pl_module.default_tile_size)
                         moments = channel_moments(
-                            trunk, x, tile, layer, tile_device=device, transform=pl_module.tile_transform
+                            trunk, x, tile, layer, tile_device=device, transform=transform
                         )
                     else:
-                        moments = _conventional_moments(trunk, module, x.to(device), pl_module.tile_transform)
+                        moments = _conventional_moments(trunk, module, x.to(device), transform)
                     metric.update(moments)
         except Exception as exc:  # the other processes must not wait for this one in the reduction
             error = exc

@@ -87,11 +87,15 @@ class StreamingMixin:
         settings = getattr(trainer.strategy, "streaming", None) if trainer is not None else None
         return settings if isinstance(settings, StreamingSettings) else None
 
+    def streaming_transform(self) -> Callable[[Tensor], Tensor] | None:
+        """The model's ``tile_transform``, whether a method, a callable or a module."""
+        # A module assigned to self.tile_transform lives in _modules, hidden by the class attribute.
+        return self._modules.get("tile_transform", self.tile_transform)  # type: ignore[attr-defined]
+
     def forward_trunk(self, x: Tensor) -> Tensor:
         """The trunk's output for ``x``: streamed under a streaming strategy, else conventional."""
         trunk = self.streaming_split()[0]
-        # A module assigned to self.tile_transform lives in _modules, hidden by the class attribute.
-        transform = self._modules.get("tile_transform", self.tile_transform)  # type: ignore[attr-defined]
+        transform = self.streaming_transform()
         if transform is None:
             _check_float_input(type(self).__name__, x)
         settings = self.streaming_settings
