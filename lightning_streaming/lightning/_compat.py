@@ -171,10 +171,12 @@ def _package_of_callers() -> str | None:
     return None
 
 
+#: (template, package) -> the variant built for it.
+_VARIANTS: dict[tuple[type, str], type] = {}
+
+
 class _LightningTypedMeta(ABCMeta):
     """Builds, checks and pickles the per-package variants of :class:`LightningTyped` templates."""
-
-    _variants: dict[tuple[type, str], type] = {}
 
     def for_package(cls, package: PackageLike = None) -> type:
         """This class for one Lightning package: ``"lightning"`` (or ``"lightning.pytorch"``),
@@ -198,9 +200,9 @@ class _LightningTypedMeta(ABCMeta):
             )
         template = template or cls
         key = (template, name)
-        if key not in _LightningTypedMeta._variants:
-            _LightningTypedMeta._variants[key] = _build(template, name)
-        return _LightningTypedMeta._variants[key]
+        if key not in _VARIANTS:
+            _VARIANTS[key] = _build(template, name)
+        return _VARIANTS[key]
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls._lightning_package is None:  # a template: instantiate the variant in use
