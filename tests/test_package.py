@@ -45,3 +45,18 @@ def test_the_stats_command_runs_without_a_runpy_warning(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0 and "--spacing" in result.stdout and not result.stderr, result.stderr
+
+
+def test_without_lightning_the_lightning_classes_say_how_to_install_it():
+    code = """
+import sys
+sys.modules["lightning"] = sys.modules["pytorch_lightning"] = None  # neither installed
+import lightning_streaming as ls
+ls.StreamingMixin  # the mixin needs no Lightning
+try:
+    ls.StreamingStrategy
+except ModuleNotFoundError as error:
+    print(error)
+"""
+    result = run_python(code)
+    assert result.returncode == 0 and "needs PyTorch Lightning: pip install lightning" in result.stdout, result.stderr
