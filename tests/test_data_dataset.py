@@ -265,7 +265,8 @@ def test_uint8_normalize_refuses_0_255_statistics_and_float_tiles():
     normalise = ls.Uint8Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     with pytest.raises(ValueError, match="got a torch.float32 tile: normalising it would divide by 255 again"):
         normalise(torch.rand(1, 3, 4, 4))
-    torch.testing.assert_close(normalise(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.full((1, 3, 2, 2), 2.0))
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    torch.testing.assert_close(normalise(white), torch.full((1, 3, 2, 2), 2.0))  # (1 - 0.5) / 0.25
 
 
 def test_stats_command_prints_mean_and_std(cmu_manifest, capsys):

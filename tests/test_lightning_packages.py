@@ -33,7 +33,8 @@ def test_each_lightning_package_in_its_own_interpreter(mode, example_slides, tmp
         [sys.executable, str(WORKER), mode, slides, str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     passed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert result.returncode == 0 and passed == CHECKS[mode], f"{passed}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    output = f"{passed}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0 and passed == CHECKS[mode], output
     if mode != "both":
         # Shown without any logging set up, the way Lightning shows its model summary.
         assert "StreamingLSUV: per-channel std 1 in 2 layers" in result.stderr

@@ -58,10 +58,10 @@ class Uint8Normalize:
     def __call__(self, x: Tensor) -> Tensor:
         if x.dtype != torch.uint8:
             raise ValueError(
-                f"Uint8Normalize converts uint8 pixels (0-255) but got a {x.dtype} tile: normalising it would divide by "
-                "255 again. Keep the images uint8 up to the model (SlideDataset does), or, for images that are "
-                "already float, use a float normalisation as tile_transform, e.g. lambda x: (x - mean) / std with "
-                "tensors shaped (1, C, 1, 1)"
+                f"Uint8Normalize converts uint8 pixels (0-255) but got a {x.dtype} tile: normalising it would "
+                "divide by 255 again. Keep the images uint8 up to the model (SlideDataset does), or, for images "
+                "that are already float, use a float normalisation as tile_transform, e.g. lambda x: (x - mean) / "
+                "std with tensors shaped (1, C, 1, 1)"
             )
         if x.dim() < 2 or x.shape[1] != len(self.mean):
             raise ValueError(

@@ -34,12 +34,14 @@ class _StreamingParts:
     _lightning: Any  # the Lightning package of the variant (see LightningTyped)
 
     def _check_model(self, trainer: pl.Trainer) -> None:
-        _check_model(self.lightning_module, self.streaming, trainer.state.fn, self._lightning.__name__)  # type: ignore[attr-defined]
+        model = self.lightning_module  # type: ignore[attr-defined]
+        _check_model(model, self.streaming, trainer.state.fn, self._lightning.__name__)
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         if not self.streaming.input_on_host or _user_places_batches(self):
             return super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
-        return _move_keeping_images(self, batch, device or self.root_device, dataloader_idx)  # type: ignore[attr-defined]
+        device = device or self.root_device  # type: ignore[attr-defined]
+        return _move_keeping_images(self, batch, device, dataloader_idx)
 
 
 class StreamingStrategy(_StreamingParts, LightningTyped, lightning_base="strategies.SingleDeviceStrategy"):
@@ -219,9 +221,8 @@ def _user_places_batches(strategy: _StreamingParts) -> bool:
     if model is None:
         return True
     datamodule = getattr(model._trainer, "datamodule", None)
-    return any(
-        owner is not None and _is_overridden(strategy, "transfer_batch_to_device", owner) for owner in (model, datamodule)
-    )
+    owners = [owner for owner in (model, datamodule) if owner is not None]
+    return any(_is_overridden(strategy, "transfer_batch_to_device", owner) for owner in owners)
 
 
 def _move_keeping_images(strategy: _StreamingParts, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -233,7 +234,8 @@ def _move_keeping_images(strategy: _StreamingParts, batch: Any, device: torch.de
     batch = strategy.streaming.move_batch(batch, lambda t: move(t, device))
     datamodule = getattr(model._trainer, "datamodule", None)
     # Lightning prefers the datamodule's hook when both define one.
-    owner = datamodule if datamodule is not None and _is_overridden(strategy, "on_after_batch_transfer", datamodule) else model
+    datamodule_hook = datamodule is not None and _is_overridden(strategy, "on_after_batch_transfer", datamodule)
+    owner = datamodule if datamodule_hook else model
     return owner.on_after_batch_transfer(batch, dataloader_idx)
 
 
@@ -252,7 +254,9 @@ def _spatial_dims(model: StreamingMixin, trunk: nn.Module) -> int:
     return 2
 
 
-def _check_model(model: pl.LightningModule | None, settings: StreamingSettings, stage: str | None, package: str) -> None:
+def _check_model(
+    model: pl.LightningModule | None, settings: StreamingSettings, stage: str | None, package: str
+) -> None:
     """Refuse, at the start of a run, a model that cannot stream: not a StreamingMixin, no
     trunk, or a trunk with a non-local layer (NotLocalError names it); with an
     ``example_input_array``, also a tile too small for it (TileTooSmallError)."""
