@@ -93,6 +93,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--orthogonal", action="store_true", help="orthonormal init before LSUV, as in its paper")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: fastest for small tiles)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return parser.parse_args()
 
 
@@ -132,7 +133,7 @@ def main() -> None:
             callbacks=callbacks,
             logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False,
+            enable_progress_bar=args.progress,
             enable_model_summary=False,
         )
         start = time.perf_counter()

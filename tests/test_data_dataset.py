@@ -38,7 +38,8 @@ def test_manifest_with_class_names_indices_and_relative_paths(manifest_dir):
     assert [r.target for r in manifest.rows] == [1, 0]
     assert manifest.rows[0].slide == (manifest_dir / "cmu_small_region.svs").resolve() and manifest.rows[1].line == 3
     path = write_csv(manifest_dir / "ints.csv", "slide,label\ncmu_small_region.svs,2\nsmall.svs,0")
-    assert [r.target for r in ls.Manifest.read(path).rows] == [2, 0] and ls.Manifest.read(path).num_classes == 3
+    stated = ls.Manifest.read(path, num_classes=3)  # class 1 has no rows here: stated, so allowed
+    assert [r.target for r in stated.rows] == [2, 0] and stated.num_classes == 3 and stated.classes == ("0", "1", "2")
 
 
 def test_manifest_multilabel_regression_and_base_spacing(manifest_dir):
@@ -256,6 +257,16 @@ def test_channel_mean_std_is_exact_over_tensors_and_sources():
     torch.testing.assert_close(out[0].double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="std > 0"):
         ls.Uint8Normalize([0.5], [0.0])
+
+
+def test_uint8_normalize_refuses_0_255_statistics_and_float_tiles():
+    with pytest.raises(ValueError, match=r"look like 0-255 values. Divide them by 255: Uint8Normalize\(\[0.485, "):
+        ls.Uint8Normalize([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
+    normalise = ls.Uint8Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    with pytest.raises(ValueError, match="got a torch.float32 tile: normalising it would divide by 255 again"):
+        normalise(torch.rand(1, 3, 4, 4))
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    torch.testing.assert_close(normalise(white), torch.full((1, 3, 2, 2), 2.0))  # (1 - 0.5) / 0.25
 
 
 def test_stats_command_prints_mean_and_std(cmu_manifest, capsys):

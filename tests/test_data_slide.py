@@ -136,3 +136,44 @@ def test_slides_pickle_and_reopen(example_slides):
     first = slide.read(800.0)
     copy = pickle.loads(pickle.dumps(slide))
     assert torch.equal(copy.read(800.0), first)
+
+
+# -- ordinary images ------------------------------------------------------------------------
+
+
+def test_ordinary_images_are_read_as_one_level_slides(tmp_path):
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    pixels = generator.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    with pytest.raises(ls.MissingSpacingError, match=r"ordinary PNG image.*base_spacing=0.5.*base_spacing=1 makes"):
+        ls.Slide(tmp_path / "photo.png").read(1.0)
+    png = ls.Slide(tmp_path / "photo.png", base_spacing=1.0)
+    assert png.level_count == 1 and png.size(1.0) == (37, 53)
+    np.testing.assert_array_equal(png.read(1.0).permute(1, 2, 0).numpy(), pixels)
+    box = png.read(1.0, (slice(5, 9), slice(40, 53)))
+    np.testing.assert_array_equal(box.permute(1, 2, 0).numpy(), pixels[5:9, 40:])
+    assert png.size(2.0) == (18, 26)  # area-averaged like any slide
+
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=95)
+    jpeg = ls.Slide(tmp_path / "photo.jpg", base_spacing=0.5)
+    assert jpeg.read(0.5).shape == (3, 37, 53)
+
+    import tifffile  # an untiled, single-level TIFF with its resolution in centimetres (0.25 um/px)
+
+    tifffile.imwrite(tmp_path / "strips.tif", pixels, photometric="rgb", resolution=(4e4, 4e4),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+    tiff = ls.Slide(tmp_path / "strips.tif")
+    assert tiff.base_spacing == pytest.approx((0.25, 0.25))
+    np.testing.assert_array_equal(tiff.read(0.25).permute(1, 2, 0).numpy(), pixels)
+
+
+def test_ordinary_images_train_through_a_manifest(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 30, 3), 90, dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("slide,label,base_spacing\na.png,0,1\na.png,1,1\n")
+    dataset = ls.SlideDataset(tmp_path / "m.csv", 1.0, input_size=32, tissue=ls.TissueDetection(spacing=2.0))
+    image, label = dataset[1]
+    assert image.shape == (3, 32, 32) and label == 1 and int(image[:, 16, 16].max()) == 90

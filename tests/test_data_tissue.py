@@ -87,10 +87,10 @@ def test_a_saved_mask_in_the_manifest_replaces_detection(cmu_mask, example_slide
     edited.save(tmp_path / "edited.npz")
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"slide,label,tissue_mask\n{slide.path},1,edited.npz\n")
-    dataset = ls.SlideDataset(manifest, 4.0)
+    dataset = ls.SlideDataset(manifest, 4.0, num_classes=2)
     assert dataset.manifest.target_columns == ("label",)
     assert dataset.layout(0) == ls.Layout(((200, 240),), ((80, 120),))
     assert dataset[0][0].shape == (3, 40, 40)
     manifest.write_text(f"slide,label,tissue_mask\n{slide.path},1,lost.npz\n")
     with pytest.raises(ls.SlideNotFoundError, match=r"m.csv:2: tissue mask .*lost.npz' does not exist"):
-        ls.SlideDataset(manifest, 4.0)
+        ls.SlideDataset(manifest, 4.0, num_classes=2)

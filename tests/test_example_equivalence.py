@@ -31,7 +31,8 @@ from examples.equivalence import (  # noqa: E402
 )
 from examples.equivalence.textures import TEXTURES  # noqa: E402
 
-TINY = dict(size=48, epochs=2, batch_size=4, lr=0.05, train_per_class=2, tune_per_class=1, reference=False)
+TINY = dict(size=48, epochs=2, batch_size=4, lr=0.05, train_per_class=2, tune_per_class=1, reference=False,
+            progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def test_tiny_end_to_end_run_writes_table_and_plot(tmp_path):
     run = load_run()
     out = tmp_path / "res"
     argv = ["--size", "128", "--factors", "2", "1", "--tile", "96", "--epochs", "1", "--train-images", "4",
-            "--val-images", "4", "--batch-size", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+            "--val-images", "4", "--batch-size", "2", "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
     rows = run.main(argv)
     assert [r["side"] for r in rows] == [64, 128]
     assert rows[-1]["tiles"] > 1  # the top resolution is streamed in several tiles

@@ -27,7 +27,7 @@ from slide_training import SlideLevelModel  # noqa: E402
 # The smallest settings that still stream: 192 px inputs in 2 x 2 tiles of at most 160 px.
 INPUT, TILE = 192, 160
 TINY = ["--smoke", "--epochs", "1", "--spacing", "4", "--input-size", str(INPUT), "--tile", str(TILE),
-        "--width", "0.0625", "--batch-size", "2", "--lsuv-batches", "1"]  # fmt: skip
+        "--width", "0.0625", "--batch-size", "2", "--lsuv-batches", "1", "--no-progress"]  # fmt: skip
 BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 

@@ -216,3 +216,15 @@ def test_a_region_source_runs_conventionally_without_a_streaming_strategy():
     torch.testing.assert_close(conventional, model(pixels), rtol=0, atol=0)
     streamed = attach(model, ls.StreamingStrategy(tile_size=24))(Source())
     torch.testing.assert_close(streamed, conventional, rtol=1e-12, atol=1e-12)
+
+
+def test_uint8_images_without_tile_transform_name_the_fix():
+    """The core's message speaks of stream(transform=); a Lightning user sets tile_transform."""
+    model = TinyClassifier()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for strategy in (None, ls.StreamingStrategy(tile_size=24)):
+        if strategy is not None:
+            attach(model, strategy)
+        with pytest.raises(TypeError, match=r"TinyClassifier got images of dtype torch.uint8.*no tile_transform. "
+                           r"Set self.tile_transform = lightning_streaming.Uint8Normalize\(mean, std\)"):  # fmt: skip
+            model(pixels)

@@ -288,3 +288,14 @@ def test_lightning_cli_selects_the_strategies(monkeypatch):
         "--trainer.strategy.memory_budget=2GiB", "--trainer.accelerator=cpu", "--trainer.devices=2",
     )  # fmt: skip
     assert type(chosen) is ls.StreamingDDPStrategy and chosen.streaming.memory_budget == 2**31
+
+
+def test_lightning_cli_builds_the_slide_datamodule(monkeypatch):
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (pytorch-lightning[extra])")
+    from pytorch_lightning.cli import LightningCLI
+
+    monkeypatch.setattr("sys.argv", ["train.py", "--data.train=train.csv", "--data.spacing=8",
+                                     "--data.tissue.spacing=16", "--trainer.accelerator=cpu"])  # fmt: skip
+    cli = LightningCLI(TinyClassifier, ls.SlideDataModule, run=False, save_config_callback=None)
+    assert isinstance(cli.datamodule, pl.LightningDataModule) and isinstance(cli.datamodule, ls.SlideDataModule)
+    assert cli.datamodule.tissue == ls.TissueDetection(spacing=16.0) and cli.datamodule.hparams.tissue["spacing"] == 16

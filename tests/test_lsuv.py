@@ -107,6 +107,17 @@ def quiet(**overrides: Any) -> dict:
     return kwargs
 
 
+class Capture(logging.Handler):
+    """Keeps the records that reach the logger it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def untiled_moments(trunk: nn.Module, inputs: list[torch.Tensor], layer: str) -> ls.ChannelMoments:
     """Reference: the moments of the layer's whole activation, from an ordinary forward."""
     total = None
@@ -195,8 +206,16 @@ def test_every_layer_reaches_the_target_std(tmp_path, caplog, streamed, center, 
     trainer = pl.Trainer(
         strategy=strategy, max_steps=1, callbacks=[lsuv], **quiet(logger=CSVLogger(tmp_path, name="", version=""))
     )
-    with caplog.at_level(logging.INFO, logger="lightning_streaming"):
+    shown = Capture()  # where Lightning shows its model summary: its own console logger (INFO, as Lightning sets it)
+    console = logging.getLogger("pytorch_lightning")
+    level = console.level  # other tests' examples quieten it
+    console.addHandler(shown)
+    console.setLevel(logging.INFO)
+    try:
         trainer.fit(model, DataLoader(data, batch_size=None))
+    finally:
+        console.removeHandler(shown)
+        console.setLevel(level)
 
     # The weights when training started, on the calibration batches (the first 3), measured conventionally.
     trunk = small_trunk()
@@ -215,8 +234,30 @@ def test_every_layer_reaches_the_target_std(tmp_path, caplog, streamed, center, 
         logged = next(csv.DictReader(file))
     assert math.isclose(float(logged["lsuv/0/std_after"]), lsuv.report[0]["std_after"], rel_tol=1e-6)
     assert float(logged["lsuv/7/iterations"]) == 1
-    table = next(r.getMessage() for r in caplog.records if "StreamingLSUV: per-channel std" in r.getMessage())
+    table = next(r.getMessage() for r in shown.records if "StreamingLSUV: per-channel std" in r.getMessage())
     assert "3 calibration batches" in table and "std before [min, max]" in table
+
+
+def test_a_module_assigned_as_tile_transform_is_measured_through():
+    """An nn.Module tile_transform lives in _modules (the mixin's class attribute would hide
+    it): the calibration images must pass through it, as they do in training."""
+
+    class Shift(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 30.0 + 7.0  # far from the untransformed images' statistics
+
+    torch.manual_seed(0)
+    model = Net(small_trunk())
+    model.tile_transform = Shift()
+    data = batches(2, (32, 32), seed=4)
+    lsuv = ls.StreamingLSUV(num_batches=2, center=True, verbose=False)
+    pl.Trainer(strategy=ls.StreamingStrategy(tile_size=24), max_steps=1, callbacks=[lsuv], **quiet()).fit(
+        model, DataLoader(data, batch_size=None)
+    )
+    trunk = small_trunk()
+    trunk.load_state_dict(model.start_state)
+    moments = untiled_moments(trunk, [Shift()(x) for x, _ in data], "0")
+    assert ((moments.std - 1).abs() <= 0.01).all() and (moments.mean.abs() <= 0.01).all(), moments.std
 
 
 def test_grouped_and_transposed_convolutions_are_scaled_per_output_channel():

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reference", action=argparse.BooleanOptionalAction, default=defaults.reference,
         help="with float32, also train conventionally in float64 to measure float32 rounding",
     )  # fmt: skip
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     parser.add_argument("--data", type=Path, default=REPO / ".data", help="cache folder for the texture images")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "equivalence", help="results folder")
     return parser.parse_args(argv)
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         size=args.size, tile=args.tile, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, dtype=args.dtype, seed=args.seed, train_per_class=args.train_per_class,
         tune_per_class=args.tune_per_class, threads=args.threads, reference=args.reference,
+        progress=args.progress,
     )  # fmt: skip
     start = time.perf_counter()
     comparison = compare(settings, load_textures(args.data))

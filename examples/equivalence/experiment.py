@@ -49,6 +49,7 @@ class Settings:
         threads: torch intra-op threads.
         reference: with float32, also train conventionally in float64 from the same
             state, to measure how far float32 rounding alone moves the loss curve.
+        progress: show Lightning's progress bar.
     """
 
     size: int = 160
@@ -63,6 +64,7 @@ class Settings:
     tune_per_class: int = 4
     threads: int = 1
     reference: bool = True
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -145,7 +147,7 @@ def train(
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=settings.progress,
         enable_model_summary=False,
     )
     with warnings.catch_warnings():

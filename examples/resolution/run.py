@@ -113,7 +113,7 @@ def train_one(
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=False,
+        enable_progress_bar=args.progress,
         deterministic=True,
     )
     start = time.perf_counter()
@@ -263,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"lesion texture amplitude (default {task.amplitude})")
     parser.add_argument("--noise", type=float, default=task.noise, help=f"pixel noise std (default {task.noise})")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     parser.add_argument("--out", type=Path, default=Path("results/resolution"),
                         help="output folder (default results/resolution)")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared modules beside this file
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 
 import lightning_streaming as ls  # noqa: E402
 from slide_training import RunResult, TaskDefaults, main_for, setup_logging  # noqa: E402
@@ -44,6 +45,8 @@ def smoke_manifests(folder: Path, slides: ls.ExampleSlides) -> tuple[Path, Path]
     """Write ``train.csv`` and ``val.csv`` with two classes from the example slides."""
     folder.mkdir(parents=True, exist_ok=True)
     tissue, blank = slides.cmu_small_region, slides.small_svs
+    # The blank slide's tissue, stated: none (read whole, and no "no tissue found" warning).
+    no_tissue = ls.TissueMask(torch.zeros(2, 2, dtype=torch.bool), 8.0, 220.0).save(folder / "blank.tissue.npz")
     # An empty base_spacing keeps the file's own (0.499 um/px); other values read the same
     # slide as if scanned at another resolution, so rows are not all the same image.
     train_rows = [(tissue, "tissue", ""), (tissue, "tissue", "0.45"), (tissue, "tissue", "0.55"),
@@ -52,7 +55,9 @@ def smoke_manifests(folder: Path, slides: ls.ExampleSlides) -> tuple[Path, Path]
     paths = []
     for name, rows in (("train.csv", train_rows), ("val.csv", val_rows)):
         path = folder / name
-        path.write_text("slide,label,base_spacing\n" + "".join(f"{s},{label},{b}\n" for s, label, b in rows))
+        masks = {blank: no_tissue.name}
+        path.write_text("slide,label,base_spacing,tissue_mask\n"
+                        + "".join(f"{s},{label},{b},{masks.get(s, '')}\n" for s, label, b in rows))  # fmt: skip
         paths.append(path)
     return paths[0], paths[1]
 
@@ -60,6 +65,12 @@ def smoke_manifests(folder: Path, slides: ls.ExampleSlides) -> tuple[Path, Path]
 DEFAULTS = TaskDefaults(
     name="camelyon_like", task="classification", dropout=0.0, batch_norm=False, weight_decay=1e-6, lsuv=True,
     smoke_manifests=smoke_manifests,
+    smoke_note=(
+        "Smoke mode: two example slides. Class 'tissue' is the real H&E slide CMU-1-Small-Region (read as scanned "
+        "at three spacings), class 'blank' is a 16 x 16 px slide that is white padding at this spacing; 6 training "
+        "and 4 validation rows, 3 epochs. Telling tissue from white is easy, yet with 4 validation rows AUROC and "
+        "accuracy move in large steps: this run shows the pipeline works end to end, not how well a model learns."
+    ),
 )  # fmt: skip
 
 

@@ -1,14 +1,16 @@
-"""SlideDataModule: train/val/test slide manifests as a LightningDataModule."""
+"""SlideDataModule: train/val/test slide manifests as a LightningDataModule (for either
+Lightning package, see :mod:`lightning_streaming.lightning._compat`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from ..lightning._compat import LightningTyped
 from .augment import Augmentation
 from .dataset import SlideDataset, collate_slides
 from .manifest import Manifest, Task
@@ -54,7 +56,7 @@ def _report(dataset: SlideDataset, stage: str, epoch: int | None) -> None:
         )
 
 
-class SlideDataModule(pl.LightningDataModule):
+class SlideDataModule(LightningTyped, lightning_base="LightningDataModule"):
     """Whole-slide training from CSV manifests (see :class:`Manifest` for the format), with
     one image per slide at ``spacing`` um/px, cropped to tissue and to ``input_size``.
 
@@ -77,17 +79,23 @@ class SlideDataModule(pl.LightningDataModule):
         batch_size: samples per batch and process.
         num_workers, pin_memory, persistent_workers: as for ``DataLoader``.
         task: ``"classification"``, ``"multilabel"`` or ``"regression"``.
-        target_columns, classes: as for :meth:`Manifest.read` (the training manifest's
-            classes are used for the others).
+        target_columns, classes, num_classes: as for :meth:`Manifest.read` (the training
+            manifest's classes are used for the others).
         balanced: class-balanced training sampling (classification only).
         samples_per_epoch: training draws per epoch with ``balanced`` (default: manifest size).
-        augmentation: training augmentation (default :class:`Augmentation()`).
-        tissue: tissue detection settings, or None for whole slides.
+        augmentation: training augmentation (default :class:`Augmentation()`), or a dict of
+            its fields.
+        tissue: tissue detection settings (or a dict of :class:`TissueDetection`'s fields),
+            or None for whole slides.
         remove_empty: remove empty rows and columns between tissue parts.
         lazy: images as lazy region sources.
         on_error: ``"raise"`` or ``"skip"``.
         seed: seed of shuffling and augmentation (the same in every process).
         cache_dir: where tissue masks are cached (None: in memory).
+
+    Its hyperparameters (saved in checkpoints) are plain data: paths as strings, settings
+    as dicts, so a checkpoint loads with ``torch.load``'s defaults (``weights_only=True``)
+    and ``SlideDataModule.load_from_checkpoint`` rebuilds it.
 
     Example::
 
@@ -112,10 +120,11 @@ class SlideDataModule(pl.LightningDataModule):
         task: Task = "classification",
         target_columns: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
         balanced: bool = False,
         samples_per_epoch: int | None = None,
-        augmentation: Augmentation | None = None,
-        tissue: TissueDetection | None = TissueDetection(),
+        augmentation: Augmentation | Mapping[str, Any] | None = None,
+        tissue: TissueDetection | Mapping[str, Any] | None = TissueDetection(),
         remove_empty: bool = False,
         lazy: bool = False,
         on_error: OnError = "raise",
@@ -123,7 +132,13 @@ class SlideDataModule(pl.LightningDataModule):
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        # Plain data only: a checkpoint must load with torch.load(path) (weights_only=True).
+        self.save_hyperparameters({name: _plain(value, name) for name, value in arguments.items()})
+        if isinstance(augmentation, Mapping):
+            augmentation = Augmentation(**augmentation)
+        if isinstance(tissue, Mapping):
+            tissue = TissueDetection(**tissue)
         check_on_error(on_error)
         if balanced and task != "classification":
             raise ValueError(f"balanced=True needs task='classification' (class labels), got task={task!r}")
@@ -143,6 +158,7 @@ class SlideDataModule(pl.LightningDataModule):
         self.task: Task = task
         self.target_columns = target_columns
         self.classes = tuple(classes) if classes is not None else None
+        self.num_classes_given = num_classes
         self.balanced = balanced
         self.samples_per_epoch = samples_per_epoch
         self.augmentation = augmentation
@@ -158,8 +174,9 @@ class SlideDataModule(pl.LightningDataModule):
         path = self.manifests[stage]
         assert path is not None
         return Manifest.read(
-            path, task=self.task, target_columns=self.target_columns, classes=self.classes, on_error=self.on_error
-        )
+            path, task=self.task, target_columns=self.target_columns, classes=self.classes,
+            num_classes=self.num_classes_given if self.classes is None else None, on_error=self.on_error,
+        )  # fmt: skip
 
     def _dataset(self, stage: str) -> SlideDataset:
         if stage not in self.datasets:
@@ -230,9 +247,14 @@ class SlideDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader | list:
-        """The validation loader; none (``[]``, Lightning skips validation) without a val manifest."""
-        return self._loader("val") if self.manifests["val"] is not None else []
+    @property
+    def val_dataloader(self) -> Callable[[], DataLoader]:  # type: ignore[override]
+        """The validation loader's hook. Without a val manifest it is Lightning's own
+        (not overridden), so Lightning knows there is no validation data: it skips validation
+        without warning that the model has no ``validation_step``."""
+        if self.__dict__.get("manifests", {}).get("val") is None:
+            return super().val_dataloader  # type: ignore[misc]
+        return lambda: self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
@@ -243,3 +265,19 @@ class SlideDataModule(pl.LightningDataModule):
     def teardown(self, stage: str) -> None:
         for name, dataset in self.datasets.items():
             _report(dataset, name, None)
+
+
+def _plain(value: Any, name: str) -> Any:
+    """``value`` as data that ``torch.load(weights_only=True)`` reads and YAML writes: paths
+    as strings, dataclasses (settings) as dicts, tuples as lists."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name), name) for field in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, name) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, name) for v in value]
+    raise TypeError(f"SlideDataModule({name}=...) got a {type(value).__name__}; give plain values (see the docstring)")

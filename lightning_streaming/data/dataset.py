@@ -91,7 +91,7 @@ class SlideDataset(Dataset):
             size, modification time, spacing override and the detection settings); None
             keeps them in memory only.
         max_skips: how many bad samples in a row ``"skip"`` tolerates before raising.
-        task, classes: passed to :meth:`Manifest.read` when ``manifest`` is a path.
+        task, classes, num_classes: passed to :meth:`Manifest.read` when ``manifest`` is a path.
 
     Example::
 
@@ -117,6 +117,7 @@ class SlideDataset(Dataset):
         max_skips: int = 16,
         task: Task = "classification",
         classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         check_on_error(on_error)
         if not (isinstance(spacing, (int, float)) and spacing > 0):
@@ -124,7 +125,7 @@ class SlideDataset(Dataset):
         self.manifest = (
             manifest
             if isinstance(manifest, Manifest)
-            else Manifest.read(manifest, task=task, classes=classes, on_error=on_error)
+            else Manifest.read(manifest, task=task, classes=classes, num_classes=num_classes, on_error=on_error)
         )
         self.spacing = float(spacing)
         self.input_size = _pair(input_size)

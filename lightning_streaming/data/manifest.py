@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import LabelParseError, ManifestError, SlideNotFoundError
+from .labels import class_index, declared_classes, infer_classes, warn_absent_classes
 from .policy import OnError, check_on_error
 
 __all__ = ["Manifest", "ManifestRow", "Task"]
@@ -54,8 +55,11 @@ class Manifest:
     absolute or relative to the CSV's folder. The target columns (default: every other
     column except ``base_spacing`` and ``tissue_mask``) hold:
 
-    - ``classification``: one column, a class index (``0``, ``1``, ...) or a class name
-      (mapped through ``classes``, default the sorted names found);
+    - ``classification``: one column, a class index (``0``, ``1``, ...) or a class name,
+      read by one rule (:mod:`lightning_streaming.data.labels`): numbers compared as
+      numbers (``1.0`` is ``1``); without ``classes`` or ``num_classes``, names give their
+      sorted list and indices ``0 .. max``, while a column mixing numbers and names, or
+      whose indices skip a class, is refused with the labels and their counts;
     - ``multilabel``: one 0/1 column per label;
     - ``regression``: one or more numbers.
 
@@ -74,8 +78,10 @@ class Manifest:
         slide_column: the column holding slide paths.
         target_columns: the target columns (default: all but the slide, ``base_spacing``
             and ``tissue_mask`` columns).
-        classes: class names in index order (classification with names); needed so that
-            validation and test manifests use the training manifest's indices.
+        classes: class names in index order (classification); needed so that validation
+            and test manifests use the training manifest's indices.
+        num_classes: the number of classes, for index labels ``0 .. num_classes - 1``
+            (e.g. when a class has no rows in this manifest). Give this or ``classes``.
         on_error: ``"raise"`` or ``"skip"``.
 
     Example::
@@ -97,9 +103,7 @@ class Manifest:
         if self.task == "multilabel":
             return len(self.target_columns)
         if self.task == "classification":
-            if self.classes is not None:
-                return len(self.classes)
-            return max((int(r.target) for r in self.rows), default=-1) + 1
+            return len(self.classes or ())
         return None
 
     def __len__(self) -> int:
@@ -114,10 +118,14 @@ class Manifest:
         slide_column: str = "slide",
         target_columns: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
+        num_classes: int | None = None,
         on_error: OnError = "raise",
         check_files: bool = True,
     ) -> "Manifest":
         check_on_error(on_error)
+        stated = declared_classes(classes, num_classes)
+        if stated is not None and task != "classification":
+            raise ValueError(f"classes= and num_classes= are for task='classification', not {task!r}")
         if task not in _TASKS:
             raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
         path = Path(path)
@@ -149,11 +157,14 @@ class Manifest:
                 "target_columns=['label'], or task='multilabel' for one 0/1 column per label",
                 path,
             )
-        if task == "classification" and classes is None:
-            values = {r.get(target_columns[0], "").strip() for _, r in records}
-            if values and not all(_is_int(v) for v in values if v):
-                classes = sorted(v for v in values if v)
-        classes = tuple(classes) if classes is not None else None
+        classes = stated
+        if task == "classification":
+            labels = [(line, (r.get(target_columns[0]) or "").strip()) for line, r in records]
+            labels = [(line, label) for line, label in labels if label]
+            if classes is None:
+                classes = infer_classes(path, labels)
+            else:
+                warn_absent_classes(path, classes, labels)
 
         rows, problems = [], []
         for line, record in records:
@@ -179,14 +190,6 @@ class Manifest:
         return cls(path, task, rows, tuple(target_columns), classes, [str(p) for p in problems])
 
 
-def _is_int(value: str) -> bool:
-    try:
-        int(value)
-    except ValueError:
-        return False
-    return True
-
-
 def _parse_row(
     path: Path,
     line: int,
@@ -209,13 +212,11 @@ def _parse_row(
     target: int | Tensor
     if task == "classification":
         column, value = values[0]
-        if classes is not None and value in classes:
-            target = classes.index(value)
-        elif _is_int(value) and (classes is None or 0 <= int(value) < len(classes)) and int(value) >= 0:
-            target = int(value)
-        else:
-            expected = f"one of {list(classes)}" if classes is not None else "a class index 0, 1, ..."
+        index = class_index(value, classes or ())
+        if index is None:
+            expected = f"one of {list(classes)}" if classes else "a class index 0, 1, ... or a class name"
             raise LabelParseError(f"{where}: {column}={value!r} is not {expected}", path)
+        target = index
     else:
         numbers = []
         for column, value in values:

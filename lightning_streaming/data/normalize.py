@@ -20,8 +20,15 @@ class Uint8Normalize:
     a checkpoint should carry, and its constants follow each tile's device.
 
     Args:
-        mean, std: per channel, in [0, 1] units (as :func:`channel_mean_std` returns).
+        mean, std: per channel, in [0, 1] units (as :func:`channel_mean_std` returns), not
+            on the 0-255 scale (ImageNet's are ``[0.485, 0.456, 0.406]``,
+            ``[0.229, 0.224, 0.225]``).
         dtype: the output dtype (float32; float64 for exactness checks).
+
+    Raises:
+        ValueError: for means or stds outside [0, 1] (0-255 scale values) or a non-positive
+            std; when called on a tile that is not uint8 (already float: normalising it
+            again would silently shift and scale it a second time).
 
     Example::
 
@@ -37,11 +44,25 @@ class Uint8Normalize:
         std_t = torch.as_tensor(list(std), dtype=torch.float64)
         if mean_t.shape != std_t.shape or mean_t.dim() != 1 or not bool((std_t > 0).all()):
             raise ValueError(f"mean and std need one value per channel and std > 0, got {list(mean)} and {list(std)}")
+        if bool((mean_t > 1).any() or (mean_t < 0).any() or (std_t > 1).any()):
+            scaled = [round(v / 255, 4) for v in mean_t.tolist()], [round(v / 255, 4) for v in std_t.tolist()]
+            raise ValueError(
+                f"Uint8Normalize takes mean and std in [0, 1] units (pixel value / 255), got mean {list(mean)} and std "
+                f"{list(std)}, which look like 0-255 values. Divide them by 255: Uint8Normalize({scaled[0]}, "
+                f"{scaled[1]}), or compute them with ls.channel_mean_std"
+            )
         self.mean, self.std, self.dtype = [float(v) for v in mean_t], [float(v) for v in std_t], dtype
         # (x / 255 - mean) / std == x * scale + shift
         self._constants = {torch.device("cpu"): ((1 / (255 * std_t)).to(dtype), (-mean_t / std_t).to(dtype))}
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8:
+            raise ValueError(
+                f"Uint8Normalize converts uint8 pixels (0-255) but got a {x.dtype} tile: normalising it would "
+                "divide by 255 again. Keep the images uint8 up to the model (SlideDataset does), or, for images "
+                "that are already float, use a float normalisation as tile_transform, e.g. lambda x: (x - mean) / "
+                "std with tensors shaped (1, C, 1, 1)"
+            )
         if x.dim() < 2 or x.shape[1] != len(self.mean):
             raise ValueError(
                 f"Uint8Normalize has {len(self.mean)} channels but got a tile of shape {tuple(x.shape)} (N, C, ...)"

@@ -1,4 +1,5 @@
-"""Read whole-slide images with OpenSlide at a physical spacing (um per pixel), as uint8."""
+"""Read whole-slide images (OpenSlide) and ordinary images (Pillow) at a physical spacing (um
+per pixel), as uint8."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import openslide
 import torch
 from torch import Tensor
 
@@ -23,11 +23,13 @@ from .errors import (
     SlideReadError,
     SpacingError,
 )
+from .image_file import PlainImage, open_image, read_errors
 from .resample import resample_area, source_span
 
 __all__ = ["Slide", "LevelChoice", "Region"]
 
 _BAND_BYTES = 64 * 2**20  # level pixels read at once when resampling a large region
+_MPP_X, _MPP_Y = "openslide.mpp-x", "openslide.mpp-y"
 
 #: A box as one ``slice(start, stop)`` per axis, ``(rows, cols)``, in pixels at a spacing.
 Region = tuple[slice, slice]
@@ -57,7 +59,8 @@ class LevelChoice:
 
 class Slide:
     """A whole-slide image read through OpenSlide (Aperio .svs, generic tiled TIFF, MIRAX,
-    Hamamatsu NDPI, DICOM, ...), by physical spacing.
+    Hamamatsu NDPI, DICOM, ...), or an ordinary image (JPEG, PNG, TIFF without tiles, ...)
+    read through Pillow, by physical spacing.
 
     ``read(spacing, region)`` returns uint8 RGB pixels at ``spacing`` um/px: from the
     coarsest pyramid level that is not coarser than the request, area-averaged down by
@@ -68,6 +71,12 @@ class Slide:
 
     The file is opened lazily and reopened in each process (DataLoader workers, DDP
     ranks), so a ``Slide`` pickles freely.
+
+    An ordinary image is one level, decoded whole on its first read (keep it to what fits
+    in memory as uint8, or convert it to a tiled pyramidal TIFF). It records no pixel size
+    unless it is a TIFF with a resolution in centimetres: pass ``base_spacing`` (for an
+    image without a physical scale, ``base_spacing=1`` makes spacings count in pixels:
+    ``read(1)`` is full size, ``read(2)`` half).
 
     Args:
         path: the slide file.
@@ -80,7 +89,8 @@ class Slide:
 
     Raises:
         SlideNotFoundError: the file does not exist.
-        SlideOpenError: OpenSlide cannot open it (unsupported format, damaged header).
+        SlideOpenError: neither OpenSlide nor Pillow can open it (unsupported format, damaged
+            header).
 
     Example::
 
@@ -114,7 +124,7 @@ class Slide:
         self.tolerance = float(tolerance)
         self.block_size = int(block_size)
         self.cache_bytes = int(cache_bytes)
-        self._handle: openslide.OpenSlide | None = None
+        self._handle: Any = None
         self._pid = -1
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
@@ -127,24 +137,10 @@ class Slide:
 
     # -- opening -----------------------------------------------------------------------
 
-    def _open(self) -> openslide.OpenSlide:
+    def _open(self) -> Any:
         if self._handle is not None and self._pid == os.getpid():
             return self._handle
-        try:
-            handle = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as error:
-            raise SlideOpenError(
-                f"{str(self.path)!r} is not a slide format OpenSlide reads ({error}); OpenSlide reads Aperio .svs, "
-                "tiled generic TIFF, Hamamatsu .ndpi/.vms, MIRAX .mrxs, Leica .scn, Ventana .bif, Philips TIFF, "
-                "Zeiss .czi and DICOM. Convert the file (e.g. to a tiled pyramidal TIFF) or leave it out",
-                self.path,
-            ) from error
-        except openslide.OpenSlideError as error:
-            raise SlideOpenError(
-                f"OpenSlide cannot open {str(self.path)!r}: {error}. The file is damaged or uses a variant OpenSlide "
-                "does not support; re-export it from the scanner software or leave it out",
-                self.path,
-            ) from error
+        handle = open_image(self.path)
         self._handle, self._pid = handle, os.getpid()
         self._cache.clear()
         self._cached = 0
@@ -187,8 +183,8 @@ class Slide:
                 raise ValueError(f"base_spacing must be positive um per pixel, got {given!r}")
             return float(y), float(x)
         try:
-            x = float(self.properties[openslide.PROPERTY_NAME_MPP_X])
-            y = float(self.properties[openslide.PROPERTY_NAME_MPP_Y])
+            x = float(self.properties[_MPP_X])
+            y = float(self.properties[_MPP_Y])
         except (KeyError, ValueError):
             return None
         return (y, x) if y > 0 and x > 0 else None
@@ -205,10 +201,19 @@ class Slide:
 
     def _require_spacing(self) -> tuple[float, float]:
         if self.base_spacing is None:
+            if isinstance(self._open(), PlainImage):
+                kind = self._open().format
+                raise MissingSpacingError(
+                    f"{str(self.path)!r} is an ordinary {kind} image, which records no pixel size in um, so it cannot "
+                    "be read by spacing in um/px. Give the size of its pixels: Slide(path, base_spacing=0.5), or a "
+                    "base_spacing column in the manifest. For an image without a physical scale, base_spacing=1 "
+                    "makes spacings count in pixels (spacing 1 reads it at full size, 2 at half size)",
+                    self.path,
+                )
             raise MissingSpacingError(
-                f"{str(self.path)!r} records no pixel spacing (no {openslide.PROPERTY_NAME_MPP_X} property), so it "
-                "cannot be read by spacing in um/px. Pass the scanner's level-0 spacing: "
-                "Slide(path, base_spacing=0.25), or a base_spacing column in the manifest",
+                f"{str(self.path)!r} records no pixel spacing (no {_MPP_X} property), so it cannot be read by spacing "
+                "in um/px. Pass the scanner's level-0 spacing: Slide(path, base_spacing=0.25), or a base_spacing "
+                "column in the manifest",
                 self.path,
             )
         return self.base_spacing
@@ -330,7 +335,7 @@ class Slide:
             location = (round(bx * b * ds), round(by * b * ds))
             try:
                 rgba = np.asarray(handle.read_region(location, level, size))
-            except openslide.OpenSlideError as error:
+            except read_errors(handle) as error:
                 self.close()  # OpenSlide refuses further reads on a handle after an error
                 raise SlideReadError(
                     f"{str(self.path)!r}: could not decode level {level} pixels at rows {by * b}:{by * b + size[1]}, "

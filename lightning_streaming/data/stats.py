@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from .dataset import SlideDataset
     from .tissue import TissueDetection
 
-    parser = argparse.ArgumentParser(description="Per-channel mean and std of a slide manifest at a spacing")
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_streaming.data.stats",
+        description="Per-channel mean and std of a slide manifest at a spacing",
+    )
     parser.add_argument("manifest", help="CSV manifest (slide column plus targets)")
     parser.add_argument("--spacing", type=float, required=True, help="um per pixel")
     parser.add_argument("--no-tissue", action="store_true", help="use whole slides, not their tissue bounding box")

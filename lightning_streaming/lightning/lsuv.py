@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks.callback import Callback
-from pytorch_lightning.utilities import CombinedLoader
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from ..core import ChannelMoments, channel_moments, trunk_layers
+from ._compat import LightningTyped, lightning_import
 from .channel_moments_metric import ChannelMomentsMetric
 from .mixin import StreamingMixin
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 _CONSTANT = 1e-6
 
 
-class StreamingLSUV(Callback):
+class StreamingLSUV(LightningTyped, lightning_base="callbacks.Callback"):
     """Layer-sequential unit-variance (LSUV) initialisation of the streamed trunk of a
     :class:`~lightning_streaming.StreamingMixin` model, per output channel, once at the
     start of training: the replacement for BatchNorm in the trunk used in the streaming
@@ -61,7 +62,9 @@ class StreamingLSUV(Callback):
 
     A per-layer table (channel-averaged std and mean before and after, rescalings; "before"
     is measured once the layers before it are initialised, as LSUV goes layer by layer) is
-    logged at INFO on rank zero through Python logging, stored in :attr:`report`, and sent
+    shown on rank zero the way Lightning shows its model summary (INFO through Lightning's
+    console logger, so it appears without configuring logging; ``verbose=False`` turns it
+    off), stored in :attr:`report`, and sent
     to the Trainer's loggers as metrics ``lsuv/<layer>/std_before``, ``std_after``,
     ``mean_before``, ``mean_after`` and ``iterations`` (and as a table ``lsuv`` to loggers
     with ``log_table``, such as Weights & Biases).
@@ -89,6 +92,8 @@ class StreamingLSUV(Callback):
             seed that rank zero draws from its global generator (so
             :func:`~pytorch_lightning.seed_everything` makes them reproducible) and
             broadcasts, so every process draws the same.
+        verbose: show the per-layer table (and a note when the callback is skipped) on the
+            console.
         input_fn: returns the image from a training batch; by default the batch itself
             when it is a tensor, else its first element (``(x, y)`` batches).
 
@@ -121,6 +126,7 @@ class StreamingLSUV(Callback):
         center: bool = False,
         orthogonal_init: bool = False,
         input_fn: Callable[[Any], Any] | None = None,
+        verbose: bool = True,
     ) -> None:
         super().__init__()
         if not _positive_int(num_batches):
@@ -142,7 +148,7 @@ class StreamingLSUV(Callback):
                 )
             if len(set(layers)) != len(layers):
                 raise ValueError(f"StreamingLSUV(layers=...) names a layer more than once: {list(layers)!r}")
-        for name, value in (("center", center), ("orthogonal_init", orthogonal_init)):
+        for name, value in (("center", center), ("orthogonal_init", orthogonal_init), ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"StreamingLSUV({name}=...) must be True or False, got {value!r}")
         if input_fn is not None and not callable(input_fn):
@@ -155,6 +161,7 @@ class StreamingLSUV(Callback):
         self.center = center
         self.orthogonal_init = orthogonal_init
         self.input_fn = input_fn if input_fn is not None else _default_input
+        self.verbose = verbose
         self.report: list[dict[str, Any]] = []
         self._calibrated = False
         self._chosen: list[str] = []
@@ -167,9 +174,9 @@ class StreamingLSUV(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._calibrated or trainer.ckpt_path is not None:
-            if rank_zero_only.rank == 0:
+            if _rank_zero():
                 reason = "it already ran" if self._calibrated else f"resuming from {trainer.ckpt_path}"
-                log.info("StreamingLSUV: skipped (%s); the weights are kept as they are", reason)
+                self._console().info("StreamingLSUV: skipped (%s); the weights are kept as they are", reason)
             self._calibrated = True
             return
         trunk = _trunk_of(pl_module)
@@ -199,6 +206,7 @@ class StreamingLSUV(Callback):
         device = trainer.strategy.root_device
         metric = ChannelMomentsMetric(_out_channels(module)).to(device)
         settings = pl_module.streaming_settings
+        transform = pl_module.streaming_transform()
         error: Exception | None = None
         try:
             with trainer.precision_plugin.forward_context():
@@ -206,10 +214,10 @@ class StreamingLSUV(Callback):
                     if settings is not None:
                         tile = settings.resolve_tile_size(trunk, x, device, pl_module.default_tile_size)
                         moments = channel_moments(
-                            trunk, x, tile, layer, tile_device=device, transform=pl_module.tile_transform
+                            trunk, x, tile, layer, tile_device=device, transform=transform
                         )
                     else:
-                        moments = _conventional_moments(trunk, module, x.to(device), pl_module.tile_transform)
+                        moments = _conventional_moments(trunk, module, x.to(device), transform)
                     metric.update(moments)
         except Exception as exc:  # the other processes must not wait for this one in the reduction
             error = exc
@@ -286,13 +294,14 @@ class StreamingLSUV(Callback):
             raise RuntimeError("StreamingLSUV needs the training dataloader, but the Trainer has none")
         inputs = []
         with torch.random.fork_rng(devices=[]):  # leave the training data order as it would be
-            for batch, _, _ in CombinedLoader(loaders, mode="max_size_cycle"):
+            combined = lightning_import(self._lightning, "utilities").CombinedLoader
+            for batch, _, _ in combined(loaders, mode="max_size_cycle"):
                 inputs.append(self.input_fn(trainer.precision_plugin.convert_input(batch)))
                 if len(inputs) == self.num_batches:
                     break
         if not inputs:
             raise RuntimeError("StreamingLSUV: the training dataloader gave no batch to compute statistics on")
-        if len(inputs) < self.num_batches and rank_zero_only.rank == 0:
+        if len(inputs) < self.num_batches and _rank_zero():
             log.warning(
                 "StreamingLSUV: the training dataloader gave %d batches, fewer than num_batches=%d; using them",
                 len(inputs),
@@ -324,7 +333,7 @@ class StreamingLSUV(Callback):
             _rescale_channels(conv, scale, mean if self.center else None)
             rescalings += 1
             moments = self.layer_moments(trainer, pl_module, name, inputs)
-        if rank_zero_only.rank == 0:
+        if _rank_zero():
             if not converged:
                 log.warning(
                     "StreamingLSUV: layer %r is still outside the tolerance after max_iterations=%d rescalings "
@@ -354,6 +363,13 @@ class StreamingLSUV(Callback):
             "converged": converged,
         }
 
+    def _console(self) -> logging.Logger:
+        """Where the table goes: a child of the Lightning package's logger, which Lightning sets
+        to show INFO on the console (as its model summary does), unless ``verbose=False``."""
+        if not self.verbose:
+            return log
+        return logging.getLogger(f"{self._lightning.__name__}.lightning_streaming.lsuv")
+
     def _log_report(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
             return
@@ -376,10 +392,14 @@ class StreamingLSUV(Callback):
                 f"{row['layer']:<{width}}  {row['channels']:>8}  {before:<28}  {after:<28}  "
                 f"{row['mean_before']:>11.4g}  {row['mean_after']:>10.4g}  {row['iterations']:>10}"
             )
-        log.info(
+        self._console().info(
             "StreamingLSUV: per-channel std %g in %d layers, over %s\n%s",
             self.target_std, len(self.report), self._batches_note, "\n".join(lines),
         )  # fmt: skip
+
+
+def _rank_zero() -> bool:
+    return getattr(rank_zero_only, "rank", 0) == 0  # Lightning sets the rank once it knows it
 
 
 def _trunk_of(pl_module: pl.LightningModule) -> nn.Module:
@@ -387,7 +407,7 @@ def _trunk_of(pl_module: pl.LightningModule) -> nn.Module:
         name = type(pl_module).__name__
         raise TypeError(
             f"StreamingLSUV initialises the trunk of a StreamingMixin model, but {name} does not inherit it: declare "
-            f"class {name}(lightning_streaming.StreamingMixin, pytorch_lightning.LightningModule) with self.trunk"
+            f"class {name}(lightning_streaming.StreamingMixin, LightningModule) with self.trunk"
         )
     return pl_module.streaming_split()[0]
 

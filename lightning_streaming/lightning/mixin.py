@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..core.source import is_region_source
@@ -86,11 +87,17 @@ class StreamingMixin:
         settings = getattr(trainer.strategy, "streaming", None) if trainer is not None else None
         return settings if isinstance(settings, StreamingSettings) else None
 
+    def streaming_transform(self) -> Callable[[Tensor], Tensor] | None:
+        """The model's ``tile_transform``, whether a method, a callable or a module."""
+        # A module assigned to self.tile_transform lives in _modules, hidden by the class attribute.
+        return self._modules.get("tile_transform", self.tile_transform)  # type: ignore[attr-defined]
+
     def forward_trunk(self, x: Tensor) -> Tensor:
         """The trunk's output for ``x``: streamed under a streaming strategy, else conventional."""
         trunk = self.streaming_split()[0]
-        # A module assigned to self.tile_transform lives in _modules, hidden by the class attribute.
-        transform = self._modules.get("tile_transform", self.tile_transform)  # type: ignore[attr-defined]
+        transform = self.streaming_transform()
+        if transform is None:
+            _check_float_input(type(self).__name__, x)
         settings = self.streaming_settings
         if settings is None:
             if is_region_source(x):  # a lazy input run conventionally is read whole, as a conventional run would
@@ -102,3 +109,17 @@ class StreamingMixin:
     def forward(self, x: Tensor) -> Any:
         """``head(forward_trunk(x))``."""
         return self.streaming_split()[1](self.forward_trunk(x))
+
+
+def _check_float_input(model: str, x: Any) -> None:
+    """Refuse integer images without a ``tile_transform``, naming the model's fix (the core's
+    message speaks of ``stream(transform=)``, which a Lightning user never calls)."""
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise TypeError(
+            f"{model} got images of dtype {dtype}, but its trunk needs floating point and the model has no "
+            "tile_transform. Set self.tile_transform = lightning_streaming.Uint8Normalize(mean, std) in "
+            f"{model}.__init__ (mean and std per channel in [0, 1] units, e.g. from ls.channel_mean_std): each tile "
+            "is then converted on its device and the float image never exists whole. Or make the DataLoader "
+            "yield float images"
+        )

@@ -7,9 +7,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from ..core import stream
@@ -113,7 +112,7 @@ class StreamingSettings:
                 input_grad=requires_grad,
             )
             self._auto[key] = tile
-            if rank_zero_only.rank == 0:
+            if getattr(rank_zero_only, "rank", 0) == 0:  # set by Lightning once it knows the process's rank
                 log.info(
                     "tile_size='auto': %d px tiles for input %s (memory budget %.1f MiB per tile)",
                     tile,
@@ -139,10 +138,10 @@ class StreamingSettings:
         options = {} if self.keep_graphs is None else {"keep_graphs": self.keep_graphs}
         return stream(trunk, x, tile_size, tile_device=tile_device, transform=transform, **options)
 
-    def move_batch(self, batch: Any, device: torch.device) -> Any:
-        """Move ``batch`` to ``device``, except, with ``input_on_host``, image-shaped tensors
-        (3 or more dimensions: ``(N, C, *spatial)``), which stay where the DataLoader put
-        them and go to the device tile by tile."""
+    def move_batch(self, batch: Any, move: Callable[[Tensor], Tensor]) -> Any:
+        """``batch`` with ``move`` applied to its tensors, except, with ``input_on_host``,
+        image-shaped ones (3 or more dimensions: ``(N, C, *spatial)``), which stay where the
+        DataLoader put them and go to the device tile by tile."""
         if not self.input_on_host:
-            return move_data_to_device(batch, device)
-        return apply_to_collection(batch, Tensor, lambda t: t if t.dim() >= 3 else move_data_to_device(t, device))
+            return apply_to_collection(batch, Tensor, move)
+        return apply_to_collection(batch, Tensor, lambda t: t if t.dim() >= 3 else move(t))

@@ -1,28 +1,50 @@
-"""The "streaming" and "streaming_ddp" strategies: Lightning's own, plus tile configuration."""
+"""The "streaming" and "streaming_ddp" strategies: Lightning's own, plus tile configuration.
+
+Each is written once and built for ``lightning.pytorch`` and ``pytorch_lightning`` (see
+:mod:`._compat`); nothing here imports Lightning until a variant is built.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins import CheckpointIO
-from lightning_fabric.strategies import _StrategyRegistry
-from lightning_fabric.utilities.types import _DEVICE
-from pytorch_lightning.plugins.precision import Precision
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.model_helpers import is_overridden
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ..core import geometry_of, tile_plan
+from ._compat import LightningTyped, lightning_import
 from .mixin import StreamingMixin
 from .settings import DEFAULT_TILE_SIZE, StreamingSettings, TileSize
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from lightning_fabric.plugins import CheckpointIO
+    from lightning_fabric.strategies import _StrategyRegistry
+    from lightning_fabric.utilities.types import _DEVICE
+    from pytorch_lightning.accelerators import Accelerator
+    from pytorch_lightning.plugins.precision import Precision
 
-class StreamingStrategy(SingleDeviceStrategy):
+
+class _StreamingParts:
+    """What both streaming strategies add to their Lightning base: the settings, the check at
+    the start of a run, and batch placement with ``input_on_host``."""
+
+    streaming: StreamingSettings
+    _lightning: Any  # the Lightning package of the variant (see LightningTyped)
+
+    def _check_model(self, trainer: pl.Trainer) -> None:
+        model = self.lightning_module  # type: ignore[attr-defined]
+        _check_model(model, self.streaming, trainer.state.fn, self._lightning.__name__)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        if not self.streaming.input_on_host or _user_places_batches(self):
+            return super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
+        device = device or self.root_device  # type: ignore[attr-defined]
+        return _move_keeping_images(self, batch, device, dataloader_idx)
+
+
+class StreamingStrategy(_StreamingParts, LightningTyped, lightning_base="strategies.SingleDeviceStrategy"):
     """Train on one device with the trunk of a :class:`~lightning_streaming.StreamingMixin`
     model streamed: run tile by tile, with exact gradients and a tile's working set of
     memory instead of the whole image's activations.
@@ -70,7 +92,7 @@ class StreamingStrategy(SingleDeviceStrategy):
         memory_budget: int | str | None = None,
         input_on_host: bool = False,
         device: _DEVICE | None = None,
-        accelerator: pl.accelerators.Accelerator | None = None,
+        accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
@@ -102,13 +124,8 @@ class StreamingStrategy(SingleDeviceStrategy):
         self._device_given = True
 
     def setup(self, trainer: pl.Trainer) -> None:
-        _check_model(self.lightning_module, self.streaming, trainer.state.fn)
+        self._check_model(trainer)
         super().setup(trainer)
-
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        if not self.streaming.input_on_host or _user_places_batches(self.lightning_module):
-            return super().batch_to_device(batch, device, dataloader_idx)
-        return _move_keeping_images(self, batch, device or self.root_device, dataloader_idx)
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
@@ -120,7 +137,7 @@ class StreamingStrategy(SingleDeviceStrategy):
         )
 
 
-class StreamingDDPStrategy(DDPStrategy):
+class StreamingDDPStrategy(_StreamingParts, LightningTyped, lightning_base="strategies.DDPStrategy"):
     """Distributed data-parallel training with the trunk of a
     :class:`~lightning_streaming.StreamingMixin` model streamed in every process.
 
@@ -170,19 +187,14 @@ class StreamingDDPStrategy(DDPStrategy):
 
     def setup(self, trainer: pl.Trainer) -> None:
         # Before DDP wraps the model: a refused trunk fails here, in every process, not mid-epoch.
-        _check_model(self.lightning_module, self.streaming, trainer.state.fn)
+        self._check_model(trainer)
         if self._ddp_kwargs.get("static_graph") and trainer.accumulate_grad_batches > 1:
-            rank_zero_warn(
+            lightning_import(self._lightning, "utilities.rank_zero").rank_zero_warn(
                 "static_graph=True with accumulate_grad_batches > 1 fails in PyTorch's DDP, with or without "
                 "streaming (an 'expect_autograd_hooks_' internal assert; pytorch/pytorch#143580). "
                 "Set static_graph=False or accumulate_grad_batches=1"
             )
         super().setup(trainer)
-
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        if not self.streaming.input_on_host or _user_places_batches(self.lightning_module):
-            return super().batch_to_device(batch, device, dataloader_idx)
-        return _move_keeping_images(self, batch, device or self.root_device, dataloader_idx)
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
@@ -196,26 +208,34 @@ class StreamingDDPStrategy(DDPStrategy):
             )
 
 
-def _user_places_batches(model: pl.LightningModule | None) -> bool:
+def _is_overridden(strategy: _StreamingParts, method: str, owner: Any) -> bool:
+    """Lightning's ``is_overridden`` for a model or DataModule of the strategy's own package
+    (the Trainer refuses objects of the other one)."""
+    return lightning_import(strategy._lightning, "utilities.model_helpers").is_overridden(method, owner)
+
+
+def _user_places_batches(strategy: _StreamingParts) -> bool:
     """Whether the model or its datamodule has its own ``transfer_batch_to_device`` hook:
     then that hook decides where tensors go, with or without ``input_on_host``."""
+    model = strategy.lightning_module  # type: ignore[attr-defined]
     if model is None:
         return True
     datamodule = getattr(model._trainer, "datamodule", None)
-    return any(owner is not None and is_overridden("transfer_batch_to_device", owner) for owner in (model, datamodule))
+    owners = [owner for owner in (model, datamodule) if owner is not None]
+    return any(_is_overridden(strategy, "transfer_batch_to_device", owner) for owner in owners)
 
 
-def _move_keeping_images(
-    strategy: StreamingStrategy | StreamingDDPStrategy, batch: Any, device: torch.device, dataloader_idx: int
-) -> Any:
+def _move_keeping_images(strategy: _StreamingParts, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
     """``batch_to_device`` with ``input_on_host``: image-shaped tensors stay on the host, the
     rest moves, then ``on_after_batch_transfer`` runs as Lightning would run it."""
-    model = strategy.lightning_module
+    model = strategy.lightning_module  # type: ignore[attr-defined]
     assert model is not None
-    batch = strategy.streaming.move_batch(batch, device)
+    move = lightning_import(strategy._lightning, "utilities").move_data_to_device
+    batch = strategy.streaming.move_batch(batch, lambda t: move(t, device))
     datamodule = getattr(model._trainer, "datamodule", None)
     # Lightning prefers the datamodule's hook when both define one.
-    owner = datamodule if datamodule is not None and is_overridden("on_after_batch_transfer", datamodule) else model
+    datamodule_hook = datamodule is not None and _is_overridden(strategy, "on_after_batch_transfer", datamodule)
+    owner = datamodule if datamodule_hook else model
     return owner.on_after_batch_transfer(batch, dataloader_idx)
 
 
@@ -234,7 +254,9 @@ def _spatial_dims(model: StreamingMixin, trunk: nn.Module) -> int:
     return 2
 
 
-def _check_model(model: pl.LightningModule | None, settings: StreamingSettings, stage: TrainerFn | None) -> None:
+def _check_model(
+    model: pl.LightningModule | None, settings: StreamingSettings, stage: str | None, package: str
+) -> None:
     """Refuse, at the start of a run, a model that cannot stream: not a StreamingMixin, no
     trunk, or a trunk with a non-local layer (NotLocalError names it); with an
     ``example_input_array``, also a tile too small for it (TileTooSmallError)."""
@@ -242,13 +264,13 @@ def _check_model(model: pl.LightningModule | None, settings: StreamingSettings, 
         name = type(model).__name__
         raise TypeError(
             f"the streaming strategies stream the trunk of a StreamingMixin model, but {name} does not inherit it: "
-            f"declare it as class {name}(lightning_streaming.StreamingMixin, pytorch_lightning.LightningModule) "
+            f"declare it as class {name}(lightning_streaming.StreamingMixin, {package}.LightningModule) "
             "with self.trunk and self.head, or use a non-streaming strategy"
         )
     trunk = model.streaming_split()[0]
     # Fitting runs the trunk in its current modes (Lightning 2 keeps them); the other stages run it in eval mode.
     modes = {m: m.training for m in trunk.modules()}
-    if stage != TrainerFn.FITTING:
+    if stage != "fit":  # Lightning's TrainerFn compares equal to its value
         trunk.eval()
     try:
         geometry_of(trunk, _spatial_dims(model, trunk))
