@@ -61,7 +61,9 @@ class Model(ls.StreamingMixin, P.LightningModule):
         self.trunk[0].register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.trunk_inputs.append(tuple(args[0].shape))
+        shape = tuple(args[0].shape)
+        if all(isinstance(size, int) for size in shape):  # hooks also run once in the analysis, on symbolic sizes
+            self.trunk_inputs.append(shape)
 
     def training_step(self, batch, batch_idx):
         self.steps += 1

@@ -398,7 +398,8 @@ def stream(
     integer up- and downsampling, pixel shuffle, eval-mode norms, pixel-wise and
     per-pixel channel operations including reshapes, permutes and splits of channels,
     residual and skip connections between feature maps on the same pixel grid). The trunk
-    is analysed once per structure by running it on fake tensors with symbolic sizes.
+    is analysed once per structure by running it on fake tensors with symbolic sizes
+    (forward hooks on its modules run then too, and see those fake tensors).
 
     What is refused, with an error naming the module, the line of code and the fix
     (:class:`NotLocalError`): any operation that is not local or not deterministic:
