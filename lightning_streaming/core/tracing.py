@@ -23,6 +23,7 @@ that are not followed are constants (parameters, buffers, numbers): the same in 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -37,6 +38,8 @@ from .graph import Condition, GeoNode, TrunkGeometry
 from .layout import Layout, channels_first, describe, is_feature, spatial_dim
 from .rules import OpCall, OpGeometry, Refusal, SpatialArg, module_rule
 from .symbolic import INPUT_HINT, SizeAsNumber, SymbolTable, user_frame
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +82,46 @@ def hooks_suspended(module: nn.Module) -> Iterator[None]:
     finally:
         for m, name, hooks in saved:
             setattr(m, name, hooks)
+
+
+@contextlib.contextmanager
+def user_hooks_guarded(module: nn.Module, tracer: "Tracer") -> Iterator[None]:
+    """Run the users' forward hooks during the analysis (a hook may produce the trunk's
+    outputs, as timm's FeatureHookNet does), but as observers of fake tensors: what they ask
+    of sizes does not bind the tiles (a profiler's ``max(numel)``), and a hook that fails on
+    fake tensors (``.item()``, ``.numpy()``) is skipped with a warning."""
+    saved = []
+    for m in module.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks"):
+            hooks = getattr(m, name, None)
+            if hooks:
+                saved.append((m, name, hooks))
+                setattr(m, name, OrderedDict((key, _observer(hook, m, tracer)) for key, hook in hooks.items()))
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
+def _observer(hook: Any, module: nn.Module, tracer: "Tracer") -> Any:
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        tracer.symbols.internal += 1
+        failure = tracer.failure
+        try:
+            return hook(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - a hook that only works on real tensors
+            tracer.failure = failure  # what a hook computes for itself does not make the trunk non-local
+            log.warning(
+                "a forward hook of %s failed on the streaming analysis's fake tensors (%s: %s); the analysis "
+                "continued without it. Streaming stays exact only if such a hook does not change the module's output",
+                type(module).__name__, type(error).__name__, error,
+            )  # fmt: skip
+            return None
+        finally:
+            tracer.symbols.internal -= 1
+
+    return observed
 
 
 def default_channels(module: nn.Module) -> int:
@@ -220,11 +263,16 @@ class Tracer:
             self.track(x, 0, layout, {d: e.node.expr for d, e in extents.items()})
             # The users' own forward hooks run too: they are part of what the trunk computes (timm's
             # FeatureHookNet collects its outputs with them).
-            for m in self.module.modules():
-                handles.append(m.register_forward_pre_hook(self._pre_hook, prepend=True))
-                handles.append(m.register_forward_hook(self._post_hook))
-            with fake, _FunctionMode(self), _DispatchMode(self), torch.no_grad(), _autocast_off(device):
-                out = self.module(x)
+            with user_hooks_guarded(self.module, self):
+                for m in self.module.modules():
+                    handles.append(m.register_forward_pre_hook(self._pre_hook, prepend=True))
+                    handles.append(m.register_forward_hook(self._post_hook))
+                try:
+                    with fake, _FunctionMode(self), _DispatchMode(self), torch.no_grad(), _autocast_off(device):
+                        out = self.module(x)
+                finally:
+                    for handle in handles:
+                        handle.remove()
         except (NotLocalError, TraceInputError):
             raise
         except (Refusal, SizeAsNumber) as refusal:  # raised outside an operator
@@ -233,9 +281,6 @@ class Tracer:
             if self.failure is not None:
                 raise self.failure from None
             raise NotLocalError(_trace_failure(self.module, error)) from error
-        finally:
-            for handle in handles:
-                handle.remove()
         if self.failure is not None:  # a refusal the trunk's own code caught and ignored
             raise self.failure
         try:

@@ -6,13 +6,12 @@ Each is written once and built for ``lightning.pytorch`` and ``pytorch_lightning
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..core import geometry_of, tile_plan
+from ..core import expected_spatial_dims, geometry_of, tile_plan
 from ._compat import LightningTyped, lightning_import
 from .mixin import StreamingMixin
 from .settings import DEFAULT_TILE_SIZE, StreamingSettings, TileSize
@@ -240,18 +239,14 @@ def _move_keeping_images(strategy: _StreamingParts, batch: Any, device: torch.de
 
 
 def _spatial_dims(model: StreamingMixin, trunk: nn.Module) -> int:
-    """Spatial dimensions of the model's input: from ``example_input_array``, else from the
-    trunk's first convolution or pooling layer (Conv2d: 2), else 2."""
+    """Spatial dimensions of the model's input: from ``example_input_array``, else judged by
+    the trunk's first 1d/2d/3d layer, else 2."""
     example = getattr(model, "example_input_array", None)
     if isinstance(example, (tuple, list)) and example:
         example = example[0]
     if isinstance(example, Tensor) and example.dim() >= 3:
         return example.dim() - 2
-    for module in trunk.modules():
-        match = re.search(r"([123])d$", type(module).__name__)
-        if match:
-            return int(match.group(1))
-    return 2
+    return expected_spatial_dims(trunk) or 2
 
 
 def _check_model(
