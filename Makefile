@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo demo-stream test bench bench-slide bench-vs-lightstream equivalence resolution slide-level clean
+.PHONY: venv demo demo-stream segmentation test bench bench-slide bench-vs-lightstream equivalence resolution slide-level clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-vs-lightstream: venv
 
 bench-slide: venv
 	$(PY) scripts/large_slide_step.py --size 20480 --memory-limit 4
+
+# A whole U-Net streamed: dense prediction at the slide's resolution (a few minutes; results/segmentation/).
+segmentation: venv
+	$(PY) examples/segmentation.py
 
 # The paper's experiments in miniature (each a few minutes on 2 CPU cores; tables and plots in results/).
 equivalence: venv
