@@ -10,6 +10,7 @@ from torch import nn
 
 import families as fam
 import lightning_streaming as ls
+from trunks import minimum_tile
 
 
 def check(trunk: nn.Module, shape: tuple, tile) -> ls.VerificationReport:
@@ -21,11 +22,7 @@ def check(trunk: nn.Module, shape: tuple, tile) -> ls.VerificationReport:
 
 
 def minimum(trunk: nn.Module, shape: tuple) -> tuple[int, ...]:
-    try:
-        ls.tile_plan(trunk.eval(), shape, 1)
-    except ls.TileTooSmallError as error:
-        return error.minimum_tile
-    return (1,) * (len(shape) - 2)
+    return minimum_tile(trunk.eval(), shape)
 
 
 def at_minimum_and_beyond(trunk: nn.Module, shape: tuple, extra: int = 13) -> None:

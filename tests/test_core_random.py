@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lightning_streaming as ls
+from trunks import minimum_tile
 
 
 class Residual(nn.Module):
@@ -73,12 +74,7 @@ def random_case(seed: int):
             break
         except ValueError:  # the random trunk cannot run on this size; draw another
             continue
-    try:
-        ls.tile_plan(trunk, shape, 1)
-        minimum = (1, 1)
-    except ls.TileTooSmallError as error:
-        minimum = error.minimum_tile
-    tile = tuple(m + rng.choice([0, 0, 1, 5, 17, 60]) for m in minimum)
+    tile = tuple(m + rng.choice([0, 0, 1, 5, 17, 60]) for m in minimum_tile(trunk, shape))
     return trunk, shape, tile
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_streaming as ls
+from trunks import minimum_tile
 
 
 def _down(rng: random.Random, channels: int) -> nn.Module:
@@ -108,12 +109,7 @@ def random_case(seed: int):
             continue
     else:
         raise AssertionError(f"no size found on which this random trunk runs:\n{trunk}")
-    try:
-        ls.tile_plan(trunk, shape, 1)
-        minimum = (1, 1)
-    except ls.TileTooSmallError as error:
-        minimum = error.minimum_tile
-    tile = tuple(m + rng.choice([0, 0, 1, 3, 9, 30]) for m in minimum)
+    tile = tuple(m + rng.choice([0, 0, 1, 3, 9, 30]) for m in minimum_tile(trunk, shape))
     return trunk, shape, tile
 
 

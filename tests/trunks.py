@@ -180,3 +180,14 @@ def convnext_trunk(dim: int = 8) -> nn.Sequential:
         LayerNorm2d(dim), nn.Conv2d(dim, 2 * dim, 2, stride=2),
         ConvNeXtBlock(2 * dim),
     )  # fmt: skip
+
+
+def minimum_tile(trunk: nn.Module, shape: tuple) -> tuple[int, ...]:
+    """The smallest usable tile for an input of ``shape`` (TileTooSmallError states it)."""
+    import lightning_streaming as ls
+
+    try:
+        ls.tile_plan(trunk, shape, 1)
+    except ls.TileTooSmallError as error:
+        return error.minimum_tile
+    return (1,) * (len(shape) - 2)

@@ -493,6 +493,20 @@ def _gather(op: Op) -> Any:
     return op.emit(out, op.merged_node(), value.layout, value.extents)
 
 
+@_register("stack")
+def _stack(op: Op) -> Any:
+    """Feature maps stacked along a new dimension that is not spatial (a new feature dimension)."""
+    tensors = list(op.arg("tensors"))
+    values = [op.value(t) for t in tensors]
+    if any(v is None for v in values) or any(v.layout != values[0].layout for v in values):
+        raise Refusal("it stacks a feature map with a constant, or feature maps whose dimensions do not line up")
+    dim = _dim(op.arg("dim", 0), tensors[0].dim() + 1)
+    node = op.merged_node(values)
+    out = op.call(aligned=True)
+    layout = values[0].layout[:dim] + ((Feat(len(tensors)),) if len(tensors) > 1 else (),) + values[0].layout[dim:]
+    return op.emit(out, node, layout, _extents(op))
+
+
 @_register("cat", "concat", "concatenate")
 def _cat(op: Op) -> Any:
     tensors = [t for t in op.arg("tensors") if not (t.dim() == 1 and op.symbols.hint(t.shape[0]) == 0)]

@@ -159,6 +159,8 @@ class Tracer:
         self.uniform: dict[int, Tensor] = {}  # made with a spatial size, the same value at every pixel
         self.positional: dict[int, tuple[Tensor, str]] = {}  # values that are positions in the feature map
         self.generations: dict[int, int] = {}  # id of a storage's base tensor -> in-place writes to it
+        self.state: dict[int, str] | None = None  # data pointers of the trunk's parameters and buffers -> names
+        self.fatal: NotLocalError | None = None  # a refusal nothing may forgive
         self.module_stack: list[tuple[str, nn.Module]] = []
         self.module_nodes: dict[str, list[int]] = defaultdict(list)
         self.calls: list[str] = []
@@ -278,9 +280,11 @@ class Tracer:
         except (Refusal, SizeAsNumber) as refusal:  # raised outside an operator
             raise NotLocalError(f"cannot stream {self.context()}: {refusal}") from None
         except Exception as error:  # noqa: BLE001 - any failure of the trunk on fake tensors
-            if self.failure is not None:
-                raise self.failure from None
+            if self.fatal is not None or self.failure is not None:
+                raise (self.fatal or self.failure) from None
             raise NotLocalError(_trace_failure(self.module, error)) from error
+        if self.fatal is not None:
+            raise self.fatal
         if self.failure is not None:  # a refusal the trunk's own code caught and ignored
             raise self.failure
         try:
@@ -433,6 +437,28 @@ class Tracer:
         finally:
             self.symbols.internal -= 1
 
+    def _check_state_write(self, tensor: Tensor) -> None:
+        """Refuse a forward that writes into the trunk's own parameters or buffers: the trunk
+        runs once per tile (and again in the backward), so each run would see other weights."""
+        if self.state is None:
+            self.state = {}
+            for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
+                if t is not None and t.device.type != "meta" and t.numel():
+                    self.state[t.untyped_storage().data_ptr()] = name
+        if _is_fake(tensor) or tensor.device.type == "meta" or not tensor.numel():
+            return
+        name = self.state.get(tensor.untyped_storage().data_ptr())
+        if name is not None:
+            reason = (
+                f"it changes the trunk's own state during the forward (an in-place write to '{name}': a power "
+                "iteration as in spectral_norm, or a running statistic, in training mode); streaming runs the trunk "
+                "once per tile and again in the backward, so each run would see other weights. Set the trunk to eval "
+                "mode, or move that layer to the head"
+            )
+            # Refused even when a forward hook does it (spectral_norm's pre-hook), which observers would forgive.
+            self.fatal = self.fatal or NotLocalError(f"cannot stream {self.context()}: {reason}")
+            raise Refusal(reason)
+
     def _positional(self, func: Any, args: tuple, kwargs: dict, reason: str) -> Any:
         """Positions (max-pooling indices) may be reshaped, but not used."""
         if func.overloadpacket.__name__ not in _SHAPE_ONLY and _returns_tensors(func):
@@ -455,11 +481,14 @@ class Tracer:
                     return self._positional(func, args, kwargs, self.positional[id(leaf)][1])
             op = Op(self, func, args, kwargs)
             op.spatial  # read what is known of the arguments before an in-place write changes it
-            # An in-place write makes every other view of the same storage out of date.
-            for argument, value in zip(func._schema.arguments, args):
-                if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Tensor):
-                    root = self.storage_of(value)
-                    self.generations[root] = self.generations.get(root, 0) + 1
+            for index, argument in enumerate(func._schema.arguments):
+                value = args[index] if index < len(args) else kwargs.get(argument.name)
+                if argument.alias_info is None or not argument.alias_info.is_write or not isinstance(value, Tensor):
+                    continue
+                self._check_state_write(value)
+                # An in-place write makes every other view of the same storage out of date.
+                root = self.storage_of(value)
+                self.generations[root] = self.generations.get(root, 0) + 1
             return rule_for(func)(op)
 
 
@@ -489,6 +518,12 @@ def _check_signature(module: nn.Module) -> None:
             f"the trunk's forward takes more than one required argument ({', '.join(required)}); a streamed trunk "
             "maps one image tensor to its feature maps"
         )
+
+
+def _is_fake(tensor: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
 
 
 def _returns_tensors(func: Any) -> bool:
