@@ -53,6 +53,9 @@ FAMILIES = {
     "einops-style-rearrange": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), fam.EinopsLikeRearrange(8)),
     "focus-space-to-depth": lambda: nn.Sequential(fam.Focus(), nn.ReLU(), nn.Conv2d(8, 4, 3, 2, 1)),
     "drop-path-eval": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), fam.DropPath(0.3), nn.Conv2d(4, 2, 3, 2)),
+    "spectral-norm-eval-stack": lambda: nn.Sequential(
+        nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)), _Lambda(lambda x: torch.stack([x, 2 * x], dim=2).sum(2))
+    ),
 }
 
 
@@ -260,6 +263,9 @@ REFUSED = {
     "size-as-int": (lambda: _Lambda(lambda x: x * int(x.shape[-1])), ["converts a spatial size to a number"]),
     "size-as-tensor": (lambda: _Lambda(lambda x: x * torch.tensor(x.shape[-1])), ["converts a spatial size"]),
     "square-assertion": (lambda: _Lambda(_square_only), ["compares sizes of different spatial dimensions"]),
+    "spectral-norm-training": (lambda: nn.utils.spectral_norm(nn.Conv2d(3, 3, 3)).train(),
+                               ["changes the trunk's own state", "weight_v"]),  # fmt: skip
+    "counter-buffer": (lambda: _Counter(), ["changes the trunk's own state", "'0.calls'"]),
     "position-embedding": (lambda: _Lambda(lambda x, p=torch.randn(1, 3, 8, 8): x + F.interpolate(p, size=(8, 8))),
                            ["absolute position"]),  # fmt: skip
 }
@@ -274,6 +280,18 @@ class _Lambda(nn.Module):
         return self.function(x)
 
 
+class _Counter(nn.Module):
+    """Counts its calls in a buffer: the forward is not a pure function of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
 def _square_only(x):
     assert x.shape[-1] == x.shape[-2], "square images only"
     return x
@@ -283,7 +301,7 @@ def _square_only(x):
 def test_non_local_operations_are_refused_and_named(name):
     make, words = REFUSED[name]
     trunk = nn.Sequential(make())
-    if name != "stochastic-depth-training":
+    if name not in ("stochastic-depth-training", "spectral-norm-training"):
         trunk.eval()
     with pytest.raises(ls.NotLocalError) as caught:
         ls.tile_plan(trunk, (1, 3, 64, 64), 32)

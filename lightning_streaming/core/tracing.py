@@ -111,6 +111,8 @@ def _observer(hook: Any, module: nn.Module, tracer: "Tracer") -> Any:
         try:
             return hook(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - a hook that only works on real tensors
+            if tracer.fatal is not None:
+                raise
             tracer.failure = failure  # what a hook computes for itself does not make the trunk non-local
             log.warning(
                 "a forward hook of %s failed on the streaming analysis's fake tensors (%s: %s); the analysis "
