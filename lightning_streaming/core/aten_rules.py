@@ -50,7 +50,7 @@ def rule_for(func: Any) -> Rule:
     size_aware = func in _SIZE_AWARE or func.overloadpacket in _SIZE_AWARE
 
     def checked(op: Op) -> Any:
-        if torch.Tag.nondeterministic_seeded in op.func.tags:
+        if rule is _default and torch.Tag.nondeterministic_seeded in op.func.tags:
             # Even on constants (a stochastic-depth mask): the recomputed tile would draw other values.
             return _default(op)
         if not op.spatial:
@@ -635,7 +635,7 @@ def _baddbmm(op: Op) -> Any:
 # ------------------------------------------------------------------------------- norms
 
 
-_NORM_STATISTICS = (
+NORM_STATISTICS = (
     "it normalises with statistics of the whole batch of images or of the whole feature map (BatchNorm in "
     "training mode, or InstanceNorm/BatchNorm without running statistics); in eval mode with running statistics it "
     "is local. Call .eval() on the trunk's norm layers (freeze them), move them to the head, or use StreamingLSUV "
@@ -650,7 +650,7 @@ def _batch_norm(op: Op) -> Any:
     name = op.func.overloadpacket.__name__
     training = op.arg("training", False) if name != "_batch_norm_with_update" else True
     if training or op.arg("running_mean") is None:
-        raise Refusal(_NORM_STATISTICS)
+        raise Refusal(NORM_STATISTICS)
     tensor, value = _first(op, "input")
     if not is_feature(value.layout[1]):
         raise Refusal("its channels dimension holds spatial positions")
@@ -698,6 +698,16 @@ def _refuse_dropout(op: Op) -> Any:
         "Dropout in training mode is random, so recomputed tiles would see other masks; put it in the head or set "
         "it to eval mode"
     )
+
+
+@_register("rrelu_with_noise", "rrelu_with_noise_", "rrelu", "rrelu_")
+def _rrelu(op: Op) -> Any:
+    """RReLU draws its slopes at random in training mode; in eval mode it is a leaky ReLU."""
+    if op.arg("training"):
+        return _default(op)
+    if not op.spatial:
+        return _constant(op)
+    return _pointwise(op)
 
 
 @_register("native_dropout")
@@ -944,11 +954,11 @@ def _copy_(op: Op) -> Any:
     return op.emit(out, source_value.node, source_value.layout, source_value.extents)
 
 
-@_register("fill_", "zero_", "normal_", "uniform_", "bernoulli_", "exponential_", "random_")
+@_register("fill_", "zero_")
 def _overwrite(op: Op) -> Any:
     if not op.spatial:
         return _constant(op)
-    raise Refusal("it overwrites a feature map in place (with a constant or random values)")
+    raise Refusal("it overwrites a feature map in place with a constant")
 
 
 @_register("_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2")

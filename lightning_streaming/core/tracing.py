@@ -451,6 +451,10 @@ class Tracer:
             return
         name = self.state.get(tensor.untyped_storage().data_ptr())
         if name is not None:
+            from .aten_rules import NORM_STATISTICS
+
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+                raise Refusal(NORM_STATISTICS)  # a norm layer in training mode: its own refusal says it best
             reason = (
                 f"it changes the trunk's own state during the forward (an in-place write to '{name}': a power "
                 "iteration as in spectral_norm, or a running statistic, in training mode); streaming runs the trunk "
