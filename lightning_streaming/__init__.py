@@ -5,6 +5,7 @@ The public API lives here and only here.
 
 from .core import (
     ChannelMoments,
+    StreamPlan,
     channel_moments,
     trunk_layers,
     NotLocalError,
@@ -22,6 +23,7 @@ from .core import (
     pixelwise,
     register_module_rule,
     stream,
+    stream_plan,
     tile_plan,
     verify,
 )
@@ -77,6 +79,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelMoments",
+    "StreamPlan",
     "channel_moments",
     "trunk_layers",
     "NotLocalError",
@@ -94,6 +97,7 @@ __all__ = [
     "pixelwise",
     "register_module_rule",
     "stream",
+    "stream_plan",
     "tile_plan",
     "verify",
     # Lightning integration
