@@ -1,13 +1,14 @@
-"""Tile batching (exact, refused for trunks that mix a batch) and the memory-budget planner."""
+"""Tile batching (exact, refused for trunks that mix a batch) and the memory-budget planner.
+
+Batching with a transform of uint8 tiles and with a RegionSource is tested in
+test_core_exactness.py, beside the same tests without batching."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
-from test_core_exactness import MemmapSource
 from torch import nn
 from trunks import convnext_trunk, resnet50_trunk, resnet_trunk, table1_network
 
@@ -76,47 +77,6 @@ def test_batched_multi_output_trunk_and_input_gradient():
     check(Pyramid(), (1, 3, 64, 64), 20, tile_batch=16)
 
 
-def test_batched_uint8_tiles_with_transform():
-    trunk = table1_network().double()
-    image = torch.randint(0, 256, (2, 3, 45, 37), dtype=torch.uint8)
-
-    def normalise(tile):
-        return (tile.double() - 128.0) / 50.0
-
-    out = ls.stream(trunk, image, 16, transform=normalise, tile_batch=4, keep_graphs=3)
-    out.square().sum().backward()
-    streamed = [p.grad.clone() for p in trunk.parameters()]
-    trunk.zero_grad()
-    expected = trunk(normalise(image))
-    expected.square().sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    for a, b in zip(streamed, trunk.parameters()):
-        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
-
-
-def test_batched_region_source_reads_each_region_once_per_pass(tmp_path):
-    image = np.random.default_rng(1).integers(0, 256, (1, 3, 97, 75), dtype=np.uint8)
-    np.save(tmp_path / "image.npy", image)
-    source = MemmapSource(tmp_path / "image.npy", image.shape)
-    trunk = resnet_trunk(depth=1).double()
-
-    def normalise(tile):
-        return tile.double() / 255 - 0.5
-
-    out = ls.stream(trunk, source, 48, transform=normalise, tile_batch=4, keep_graphs=1)
-    out.sum().backward()
-    plan = ls.stream_plan(trunk, image.shape, 48, tile_batch=4, keep_graphs=1)
-    kept = len(plan.runs[-1])
-    assert plan.tile_batch > 1 and len(source.reads) == 2 * len(plan.tiles) - kept
-    streamed = [p.grad.clone() for p in trunk.parameters()]
-    trunk.zero_grad()
-    expected = trunk(normalise(torch.from_numpy(image)))
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    for a, b in zip(streamed, trunk.parameters()):
-        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
-
-
 def test_batched_no_grad_forward_matches():
     trunk = resnet_trunk(depth=2).double()
     x = torch.randn(2, 3, 190, 170, dtype=torch.float64)
@@ -173,7 +133,8 @@ def test_budget_plan_fits_is_exact_and_shown():
 def test_more_budget_never_predicts_a_slower_step():
     trunk, shape = resnet_trunk(depth=2), (1, 3, 300, 260)
     largest = ls.stream_plan(trunk, shape, memory_budget="1GiB").predicted_bytes
-    times = [ls.stream_plan(trunk, shape, memory_budget=int(largest * f)).predicted_seconds for f in (0.45, 0.6, 0.8, 1)]
+    budgets = [int(largest * fraction) for fraction in (0.45, 0.6, 0.8, 1)]
+    times = [ls.stream_plan(trunk, shape, memory_budget=budget).predicted_seconds for budget in budgets]
     assert times == sorted(times, reverse=True) and times[0] > times[-1]
 
 

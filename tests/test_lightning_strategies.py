@@ -273,6 +273,10 @@ def test_memory_budget_plans_the_tiles_and_training_stays_exact(stream_calls):
     trunk = TinyClassifier().trunk.double()
     plan = ls.stream_plan(trunk, shape, memory_budget=budget, input_dtype=torch.float64)
     assert len(plan.tiles) == first["plan"] > 1 and plan.predicted_bytes <= budget
+    settings = ls.StreamingStrategy(tile_size="auto", memory_budget=budget).streaming
+    x = torch.zeros(shape, dtype=torch.float64)
+    assert settings.plan(trunk, x, torch.device("cpu")) == plan  # what the strategy shows is what it ran
+    assert settings.resolve_tile_size(trunk, x, torch.device("cpu")) == plan.tile_size  # e.g. for LSUV
     assert_same_parameters(streamed, fit("auto", batches=2, shape=shape[2:]))
 
 

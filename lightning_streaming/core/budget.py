@@ -26,10 +26,11 @@ trunk call, the last ``K`` calls keeping their graphs):
   gradient of its input and of its weights). As a function of a call's pixels this is
   piecewise linear, so each candidate costs a few bisections.
 
-The search tries every combination of per-dimension tile counts (all up to 12, then
-sparser, while the halo stays below three times the image), every power-of-two batch of
-equal shapes, and for each the most kept graphs that fit; it keeps the fastest (ties:
-the least memory). Halo, recomputation and per-call overhead pull in different
+The search tries every combination of per-dimension tile counts (all up to 8, then
+about 30% apart, while the halo stays below three times the image), every power-of-two batch of
+equal shapes, and for each the most kept graphs that fit; of the plans within 2% of the
+fastest it keeps the one with the fewest trunk calls (the model is least sure of small
+ones), then the fastest. Halo, recomputation and per-call overhead pull in different
 directions: larger tiles have less halo and fewer calls, smaller tiles let more of the
 image keep its graph and, on a CPU, run in cache.
 """
@@ -59,13 +60,14 @@ log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-_DENSE_COUNTS = 12  # every tile count per dimension up to this, then about 20% apart
+_DENSE_COUNTS = 8  # every tile count per dimension up to this, then about 30% apart
 _MAX_COUNT = 256
 _MAX_HALO = 3.0  # per dimension: region pixels over image pixels
 _MAX_TILES = 4096
 _MAX_COMBINATIONS = 3000
 _MAX_BATCH = 64
-_REFERENCE_SIDE = 512  # meta-device run on regions about this large (cost scales with pixels)
+_REFERENCE_SIDE = 512  # the meta-device run uses regions about this large (costs scale with pixels)
+_TOLERANCE = 0.02  # plans this close to the fastest count as equally fast
 
 
 def parse_bytes(budget: int | str) -> int:
@@ -176,7 +178,10 @@ class StreamPlan:
             budget = f" of the {format_bytes(self.memory_budget)} budget" if self.memory_budget else ""
             parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in self.memory.items())
             times = ", ".join(f"{name} {value:.2f} s" for name, value in self.seconds.items())
-            text += f"; predicted {format_bytes(self.predicted_bytes)}{budget} ({parts}) and {self.predicted_seconds:.2f} s ({times})"
+            text += (
+                f"; predicted {format_bytes(self.predicted_bytes)}{budget} ({parts}) and "
+                f"{self.predicted_seconds:.2f} s ({times})"
+            )
             if self.conventional_bytes and self.conventional_seconds:
                 text += (
                     f"; {self.predicted_bytes / self.conventional_bytes:.2f}x the memory and "
@@ -248,7 +253,8 @@ class _CallTime:
         seconds = torch.maximum(self.flops * p / speed.flops_per_second, nbytes / bandwidth) + speed.seconds_per_op
         if speed.fresh_bytes_per_second:
             allocated = self.new * p
-            seconds = seconds + torch.where(allocated > speed.reuse_bytes, allocated / speed.fresh_bytes_per_second, 0.0)
+            faults = torch.where(allocated > speed.reuse_bytes, allocated / speed.fresh_bytes_per_second, 0.0)
+            seconds = seconds + faults
         return seconds.sum(dim=1)
 
     def __call__(self, pixels: float) -> float:
@@ -289,13 +295,13 @@ class _Group:
 
 @dataclass
 class _Choice:
+    """A candidate: per-dimension tile limits and batch, its predicted time, memory and calls."""
+
     seconds: float
     memory: float
-    kept_runs: int
-    breakdown: dict
-    times: dict
     limits: tuple[int, ...]
     batch: int
+    calls: int
 
 
 def _evaluate(
@@ -356,7 +362,7 @@ def _counts(units: int) -> list[int]:
     counts = list(range(1, min(units, _DENSE_COUNTS) + 1))
     n = _DENSE_COUNTS
     while n < min(units, _MAX_COUNT):
-        n = min(units, _MAX_COUNT, max(n + 1, int(n * 1.2)))
+        n = min(units, _MAX_COUNT, max(n + 1, int(n * 1.3)))
         counts.append(n)
     return counts
 
@@ -371,11 +377,17 @@ def _dimension_candidates(planner: _DimensionPlanner, fixed_tile: int | None) ->
             return []
         return [(fixed_tile, [s.size for s in segments])]
     found: dict[int, tuple[int, list[int]]] = {}
-    for n in _counts(planner.units):
-        per = math.ceil(planner.units / n)
+    units = planner.units
+    for n in _counts(units):
+        per = math.ceil(units / n)
         if per in found:
             continue
-        sizes = [planner.region(lo, min(lo + per, planner.units) - 1).size for lo in range(0, planner.units, per)]
+        starts = range(0, units, per)
+        # The first and last tiles, and one inner tile standing for all inner ones (they differ by
+        # at most the alignment): three regions to plan, whatever the count.
+        first, last = planner.region(0, min(per, units) - 1).size, planner.region(starts[-1], units - 1).size
+        inner = planner.region(per, 2 * per - 1).size if len(starts) > 2 else first
+        sizes = [first] + [inner] * (len(starts) - 2) + ([last] if len(starts) > 1 else [])
         if len(sizes) > 1 and sum(sizes) > _MAX_HALO * planner.length:
             break
         found[per] = (max(sizes), sizes)
@@ -410,10 +422,13 @@ def _groups(shapes: list[tuple[int, int]], tile_batch: int) -> list[_Group]:
     return sorted(groups, key=lambda g: -g.pixels)
 
 
-def _batches(shapes: list[tuple[int, int]], fixed: int | None) -> list[int]:
+def _batches(shapes: list[tuple[int, int]], fixed: int | None, image: int) -> list[int]:
+    """Powers of two up to the most tiles of one shape, and that number; no batch of more
+    pixels than the image (it could as well be a larger tile)."""
     if fixed is not None:
         return [fixed]
-    most = min(max(count for _, count in shapes), _MAX_BATCH)
+    largest = max(pixels for pixels, _ in shapes)
+    most = max(1, min(max(count for _, count in shapes), _MAX_BATCH, image // max(largest, 1)))
     batches = [1]
     while batches[-1] * 2 <= most:
         batches.append(batches[-1] * 2)
@@ -431,7 +446,8 @@ def _costs(
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
     dtype = activation_dtype or (param.dtype if param is not None else torch.float32)
     # The meta run, on a real tile's region (a length the trunk accepts) of about _REFERENCE_SIDE pixels.
-    wanted = tuple(min(p.length, max(_REFERENCE_SIDE, p.minimum_tile())) for p in planners)
+    middle = [p.region(p.units // 2, p.units // 2).size for p in planners]  # one output pixel's region
+    wanted = tuple(min(p.length, max(_REFERENCE_SIDE, m)) for p, m in zip(planners, middle))
     reference = tuple(p.plan(w)[0].size for p, w in zip(planners, wanted))  # type: ignore[index]
     profiles = geometry.__dict__.setdefault("_profiles", {})
     key = (int(input_shape[1]), input_dtype, dtype, reference)
@@ -491,26 +507,28 @@ def plan_for_budget(
     if any(not c for c in per_dim):
         plan_tiles(geometry, spatial, tuple(t or 1 for t in fixed_tiles))  # raises TileTooSmallError
     batch = int(input_shape[0])
-    mixing: str | None = None
 
     def search(batches_allowed: bool) -> tuple[_Choice | None, float]:
-        best: _Choice | None = None
+        found: list[_Choice] = []
         least = math.inf
         for combination in _combinations(per_dim):
             if math.prod(len(sizes) for _, sizes in combination) > _MAX_TILES:
                 continue
             shapes = _shapes([sizes for _, sizes in combination], batch)
-            for b in _batches(shapes, tile_batch if tile_batch is not None else (None if batches_allowed else 1)):
+            fixed = tile_batch if tile_batch is not None else (None if batches_allowed else 1)
+            for b in _batches(shapes, fixed, batch * math.prod(spatial)):
                 groups = _groups(shapes, b)
                 least = min(least, sum(costs.fixed.values()) + costs.working(groups[0].pixels))
                 result = _evaluate(costs, groups, budget, keep_graphs if grad else None)
-                if result is None:
-                    continue
-                kept, memory, breakdown, seconds, times = result
-                if best is None or (seconds, memory) < (best.seconds, best.memory):
+                if result is not None:
                     limits = tuple(limit for limit, _ in combination)
-                    best = _Choice(seconds, memory, kept, breakdown, times, limits, b)
-        return best, least
+                    found.append(_Choice(result[3], result[1], limits, b, sum(g.count for g in groups)))
+        if not found:
+            return None, least
+        # Within a few percent of the fastest, fewer and larger calls: the model is least sure of small ones.
+        fastest = min(c.seconds for c in found)
+        near = [c for c in found if c.seconds <= fastest * (1 + _TOLERANCE)]
+        return min(near, key=lambda c: (c.calls, c.seconds, c.memory)), least
 
     best, least = search(batches_allowed=True)
     if best is not None and best.batch > 1:
@@ -521,10 +539,11 @@ def plan_for_budget(
             log.info("not batching tiles: %s", mixing)
             best, least = search(batches_allowed=False)
     if best is None:
+        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in costs.fixed.items())
         raise TileTooSmallError(
-            f"memory_budget {format_bytes(budget)} is too small for an input of shape {tuple(input_shape)}: the plan that "
-            f"needs the least memory needs about {format_bytes(least)} ({', '.join(f'{k} {format_bytes(v)}' for k, v in costs.fixed.items())}"
-            f", and one tile's working set). Raise the budget, lower the batch size, or give an explicit tile_size",
+            f"memory_budget {format_bytes(budget)} is too small for an input of shape {tuple(input_shape)}: the plan "
+            f"that needs the least memory needs about {format_bytes(least)} ({parts}, and one tile's working set). "
+            "Raise the budget, lower the batch size, or give an explicit tile_size",
             tuple(p.minimum_tile() for p in planners),
         )
     return _finish(geometry, spatial, costs, best, budget, grad, keep_graphs, input_shape)
@@ -549,10 +568,12 @@ def _finish(
     batch, regions = int(input_shape[0]), [math.prod(s.size for s in tile) for tile in tiles]
     groups = [_Group(batch * sum(regions[i] for i in run), len(run), 1) for run in runs]
     result = _evaluate(costs, groups, budget, keep_graphs if grad else None)
-    if result is None:  # the exact plan is never larger than the candidate; keep the candidate's count
-        kept, memory, breakdown, seconds, times = choice.kept_runs, choice.memory, choice.breakdown, choice.seconds, choice.times
-    else:
-        kept, memory, breakdown, seconds, times = result
+    if result is None:  # its regions are no larger than the candidate's, so this is not expected
+        result = _evaluate(costs, groups, math.inf, (keep_graphs if keep_graphs is not None else 1) if grad else None)
+        assert result is not None
+        log.warning("the tile plan for %s needs about %s, over the budget of %s", tuple(input_shape),
+                    format_bytes(result[1]), format_bytes(budget))  # fmt: skip
+    kept, memory, breakdown, seconds, times = result
     whole = _Group(float(batch * math.prod(spatial)), 1, 1)
     conventional = _evaluate(costs, [whole], math.inf, 1 if grad else None)
     assert conventional is not None

@@ -544,7 +544,9 @@ def stream_plan(
     )  # fmt: skip
 
 
-def _tile_device(module: nn.Module, input: Tensor | RegionSource, tile_device: torch.device | str | None) -> torch.device:
+def _tile_device(
+    module: nn.Module, input: Tensor | RegionSource, tile_device: torch.device | str | None
+) -> torch.device:
     if tile_device is not None:
         return torch.device(tile_device)
     return _trunk_device(module, input.device if isinstance(input, Tensor) else torch.device("cpu"))
@@ -555,12 +557,15 @@ def _activation_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def _check_settings(tile_size: Any, keep_graphs: Any, memory_budget: Any, tile_batch: Any) -> None:
-    if keep_graphs is not None and (not isinstance(keep_graphs, int) or isinstance(keep_graphs, bool) or keep_graphs < 0):
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if keep_graphs is not None and not count(keep_graphs, 0):
         raise ValueError(
             f"keep_graphs must be a non-negative int (the number of tiles whose graphs the forward keeps), "
             f"got {keep_graphs!r}"
         )
-    if tile_batch is not None and (not isinstance(tile_batch, int) or isinstance(tile_batch, bool) or tile_batch < 1):
+    if tile_batch is not None and not count(tile_batch, 1):
         raise ValueError(f"tile_batch must be a positive int (the most tiles one trunk call runs), got {tile_batch!r}")
     if tile_size == "auto" and memory_budget is None:
         raise ValueError(

@@ -127,9 +127,8 @@ class StreamingSettings:
         """``trunk(transform(x))`` computed tile by tile, tiles running on ``device``."""
         # Only a host-resident input needs tile_device: otherwise the core checks that input and trunk agree.
         tile_device = device if not isinstance(x, Tensor) or x.device != device else None
-        return stream(
-            trunk, x, self._tile_size(default_tile_size), tile_device=tile_device, transform=transform, **self._options()
-        )
+        tile_size = self._tile_size(default_tile_size)
+        return stream(trunk, x, tile_size, tile_device=tile_device, transform=transform, **self._options())
 
     def move_batch(self, batch: Any, device: torch.device) -> Any:
         """Move ``batch`` to ``device``, except, with ``input_on_host``, image-shaped tensors
