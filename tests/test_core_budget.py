@@ -15,7 +15,7 @@ from trunks import convnext_trunk, resnet50_trunk, resnet_trunk, table1_network
 import lightning_streaming as ls
 from lightning_streaming.core import DeviceSpeed, set_device_speed
 from lightning_streaming.core.batching import batch_mixing
-from lightning_streaming.core.budget import group_runs, kept_runs_for
+from lightning_streaming.core.schedule import group_runs, kept_runs_for
 from lightning_streaming.core.graph import geometry_of
 
 
@@ -198,3 +198,31 @@ def test_resnet50_plans_within_a_budget_and_under_autocast():
     assert half.predicted_bytes <= 3 * 2**30 and len(half.tiles) <= len(plan.tiles)  # half the bytes per pixel
     inference = ls.stream_plan(trunk, shape, memory_budget="3GiB", grad=False)
     assert inference.keep_graphs == 0 and len(inference.tiles) <= len(plan.tiles)
+
+
+def test_a_sequential_trunk_may_stream_only_its_first_children_and_stays_exact():
+    trunk = resnet_trunk(depth=2).double()
+    shape = (2, 3, 320, 280)
+    options = dict(input_dtype=torch.float64, input_grad=True)
+    whole = ls.stream_plan(trunk, shape, memory_budget="1GiB", **options)
+    assert whole.split is None and len(whole.tiles) == 1  # no reason to split when everything fits
+    budget = whole.predicted_bytes * 4 // 10
+    plan = ls.stream_plan(trunk, shape, memory_budget=budget, **options)
+    assert plan.split is not None and plan.predicted_bytes <= budget
+    assert "the rest run whole" in str(plan) and "rest of the trunk" in str(plan)
+    # The streamed children's output is the plan's output: a stride-4 map for the first stages.
+    assert plan.tiles.output_shape != ls.tile_plan(trunk, shape, 320).output_shape
+    check(trunk, shape, "auto", memory_budget=budget)
+
+
+def test_only_plain_sequential_trunks_are_split():
+    from lightning_streaming.core.chain import chain_of
+
+    trunk = resnet_trunk(depth=2)
+    assert [name for name, _ in chain_of(trunk)] == ["0", "1", "2", "3", "4", "5"]
+    assert chain_of(Pyramid()) == []  # its own forward
+    hooked = resnet_trunk(depth=2)
+    hooked.register_forward_hook(lambda *args: None)
+    assert chain_of(hooked) == []  # its hook would not run on the parts
+    fixed = ls.stream_plan(trunk, (2, 3, 320, 280), 160, memory_budget="64MiB")
+    assert fixed.split is None and fixed.tile_size == (160, 160)  # an explicit tile is for the whole trunk

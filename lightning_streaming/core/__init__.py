@@ -3,12 +3,13 @@
 Nothing here imports Lightning.
 """
 
-from .budget import StreamPlan, parse_bytes
+from .budget import parse_bytes
 from .errors import NotLocalError, StreamingError, StreamingMismatchError, TileTooSmallError
 from .graph import TrunkGeometry, geometry_of
 from .memory import estimate_tile_memory
 from .tracing import expected_spatial_dims
 from .plan import Segment, TilePlan
+from .schedule import StreamPlan
 from .rules import OpCall, OpGeometry, Refusal, pixelwise, register_module_rule
 from .source import RegionSource
 from .statistics import ChannelMoments, channel_moments, trunk_layers

@@ -9,23 +9,6 @@ parameters), the input gradient buffer when the input requires grad, the graphs 
 from the forward, and the working set of the trunk call being backpropagated. Without
 grad it is the outputs and one trunk call's forward working set.
 
-The cost model, per candidate plan (a balanced grid, ``tile_batch`` equal-shaped tiles per
-trunk call, the last ``K`` calls keeping their graphs):
-
-- memory: the fixed terms above, plus the largest of (a) the kept graphs of all kept calls
-  but the last and the working set of the last (the backward starts there), and (b) the
-  working set of the largest recomputed call. Per-pixel bytes come from a meta-device run
-  of the trunk (:mod:`.memory`): a kept graph holds what autograd saves, a working set is
-  every allocation plus twice the largest activation.
-- time: every call's forward and backward plus a second forward of each call whose
-  graph was not kept, plus summing the parameter gradients once per call. A call's time
-  is the sum over the trunk's operators of a roofline (:mod:`.speed`): FLOPs at the
-  device's rate or bytes at the bandwidth of the cache or memory, whichever is longer,
-  plus a cost per operator call and, on a CPU, page faults for outputs too large for the
-  allocator to reuse. A backward is modelled as twice its forward (each layer computes the
-  gradient of its input and of its weights). As a function of a call's pixels this is
-  piecewise linear, so each candidate costs a few bisections.
-
 The search tries every combination of per-dimension tile counts (all up to 8, then
 about 30% apart, while the halo stays below three times the image), every power-of-two batch of
 equal shapes, and for each the most kept graphs that fit; of the plans within 2% of the
@@ -37,23 +20,25 @@ image keep its graph and, on a CPU, run in cache.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .batching import batch_mixing
+from .chain import chain_of, prefix_geometry
+from .cost import CallTime, Costs, Group, evaluate
 from .errors import TileTooSmallError
 from .graph import TrunkGeometry
 from .memory import TileProfile, element_size, profile_tile
-from .plan import TilePlan, _DimensionPlanner, plan_tiles
+from .plan import _DimensionPlanner, plan_tiles
+from .schedule import StreamPlan, format_bytes, group_runs
 from .speed import DeviceSpeed, device_speed
 
 log = logging.getLogger(__name__)
@@ -68,6 +53,7 @@ _MAX_COMBINATIONS = 3000
 _MAX_BATCH = 64
 _REFERENCE_SIDE = 512  # the meta-device run uses regions about this large (costs scale with pixels)
 _TOLERANCE = 0.02  # plans this close to the fastest count as equally fast
+_BATCH_PAYS = 0.01  # batching is tried where a call's fixed cost is at least this share of its work
 
 
 def parse_bytes(budget: int | str) -> int:
@@ -92,207 +78,6 @@ def parse_bytes(budget: int | str) -> int:
     return value
 
 
-# ----------------------------------------------------------------------------- runs
-
-
-def group_runs(plan: TilePlan, tile_batch: int, by_size: bool = False) -> tuple[tuple[int, ...], ...]:
-    """The trunk calls for ``plan``: tile indices (raster order) per call, in the order the
-    forward makes them. With ``tile_batch`` 1 every tile is a call, in raster order (the
-    backward visits them in reverse); larger batches gather tiles of equal region shape.
-    ``by_size`` orders calls from the most pixels to the fewest, so the kept ones, last,
-    are the smallest (the budget planner's order)."""
-    tiles = list(plan)
-    shapes: dict[tuple[int, ...], list[int]] = {}
-    for index, tile in enumerate(tiles):
-        shapes.setdefault(tuple(s.size for s in tile), []).append(index)
-    if tile_batch <= 1:
-        runs = [(i,) for i in range(len(tiles))]
-    else:
-        runs = [tuple(group[i : i + tile_batch]) for group in shapes.values() for i in range(0, len(group), tile_batch)]
-    if by_size:
-        runs.sort(key=lambda run: -len(run) * math.prod(s.size for s in tiles[run[0]]))
-    return tuple(runs)
-
-
-def kept_runs_for(runs: Sequence[Sequence[int]], keep_graphs: int) -> int:
-    """How many of the last calls keep their graphs for ``keep_graphs`` tiles: those holding
-    at most ``keep_graphs`` tiles, and at least the last call when ``keep_graphs`` >= 1."""
-    kept, tiles = 0, 0
-    for run in reversed(runs):
-        if tiles + len(run) > keep_graphs:
-            break
-        kept, tiles = kept + 1, tiles + len(run)
-    return max(kept, 1 if keep_graphs >= 1 and runs else 0)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """How :func:`~lightning_streaming.stream` runs a trunk: the tile grid, the trunk calls
-    (equal-shaped tiles batched together), how many calls keep their graphs from the
-    forward, and, when planned for a memory budget, the predicted memory and time.
-
-    ``runs`` holds the tile indices (in the order of ``tiles``) of each trunk call, in the
-    order the forward makes them; the last ``kept_runs`` keep their graphs.
-    ``predicted_bytes`` is the memory the streamed trunk adds to a step (see
-    :mod:`lightning_streaming.core.budget` for what it covers), ``memory`` and ``seconds``
-    break the predictions down, ``conventional_bytes`` and ``conventional_seconds`` are the
-    same model's predictions for running the trunk on the whole image at once.
-    """
-
-    tiles: TilePlan
-    runs: tuple[tuple[int, ...], ...]
-    kept_runs: int
-    grad: bool = True
-    memory_budget: int | None = None
-    predicted_bytes: int | None = None
-    predicted_seconds: float | None = None
-    memory: dict[str, int] = field(default_factory=dict, compare=False)
-    seconds: dict[str, float] = field(default_factory=dict, compare=False)
-    conventional_bytes: int | None = None
-    conventional_seconds: float | None = None
-
-    @property
-    def tile_size(self) -> tuple[int, ...]:
-        return self.tiles.tile_size
-
-    @property
-    def keep_graphs(self) -> int:
-        """Tiles whose graphs the forward keeps."""
-        return sum(len(run) for run in self.runs[len(self.runs) - self.kept_runs :]) if self.kept_runs else 0
-
-    @property
-    def tile_batch(self) -> int:
-        """The most tiles one trunk call runs together."""
-        return max((len(run) for run in self.runs), default=1)
-
-    def __str__(self) -> str:
-        text = (
-            f"tile_size {self.tile_size} (grid {self.tiles.grid}, largest region {self.tiles.largest_region}), "
-            f"{len(self.runs)} trunk calls of up to {self.tile_batch} tile(s), keep_graphs {self.keep_graphs} "
-            f"of {len(self.tiles)}"
-        )
-        if self.predicted_bytes is not None and self.predicted_seconds is not None:
-            budget = f" of the {format_bytes(self.memory_budget)} budget" if self.memory_budget else ""
-            parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in self.memory.items())
-            times = ", ".join(f"{name} {value:.2f} s" for name, value in self.seconds.items())
-            text += (
-                f"; predicted {format_bytes(self.predicted_bytes)}{budget} ({parts}) and "
-                f"{self.predicted_seconds:.2f} s ({times})"
-            )
-            if self.conventional_bytes and self.conventional_seconds:
-                text += (
-                    f"; {self.predicted_bytes / self.conventional_bytes:.2f}x the memory and "
-                    f"{self.predicted_seconds / self.conventional_seconds:.2f}x the time predicted for the whole image "
-                    f"at once"
-                )
-        return text
-
-    def __repr__(self) -> str:
-        return f"StreamPlan({self})"
-
-
-def format_bytes(value: int | float | None) -> str:
-    """``value`` bytes for people: GiB, MiB or KiB."""
-    if value is None:
-        return "?"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if value >= size:
-            return f"{value / size:.{2 if unit == 'GiB' else 0}f} {unit}"
-    return f"{value / 2**10:.0f} KiB"
-
-
-def explicit_plan(tiles: TilePlan, keep_graphs: int, tile_batch: int, grad: bool = True) -> StreamPlan:
-    """The plan of explicit settings (no budget): ``tile_batch`` 1 runs every tile on its
-    own, in raster order, as streaming always has."""
-    runs = group_runs(tiles, tile_batch)
-    return StreamPlan(tiles, runs, kept_runs_for(runs, keep_graphs) if grad else 0, grad)
-
-
-# ----------------------------------------------------------------------------- the cost model
-
-
-class _CallTime:
-    """Predicted seconds of one trunk call (forward, or backward at ``factor`` times the
-    forward's work) as a function of its pixels: a sum of per-operator rooflines, which is
-    piecewise linear in the pixels, tabulated once at its breakpoints."""
-
-    def __init__(self, profile: TileProfile, speed: DeviceSpeed, factor: float):
-        ops = profile.ops or ()
-        as_tensor = lambda values: torch.tensor(list(values), dtype=torch.float64)  # noqa: E731
-        self.flops = as_tensor(op.flops * factor for op in ops)
-        self.moved = as_tensor(op.pixel_bytes * factor for op in ops)
-        self.fixed = as_tensor(op.fixed_bytes * factor for op in ops)
-        self.new = as_tensor(op.allocated for op in ops)
-        self.speed = speed
-        points = [torch.zeros(1, dtype=torch.float64)]
-        moving = self.moved > 0
-        points.append(((speed.cache_bytes - self.fixed) / self.moved)[moving])
-        if speed.fresh_bytes_per_second:
-            points.append((speed.reuse_bytes / self.new)[self.new > 0])
-        for bandwidth in (speed.bytes_per_second, speed.cache_bytes_per_second):
-            slope = self.flops / speed.flops_per_second - self.moved / bandwidth
-            points.append((self.fixed / bandwidth / slope)[slope > 0])  # where arithmetic overtakes traffic
-        merged = torch.cat(points)
-        merged = torch.unique(merged[torch.isfinite(merged) & (merged >= 0)])
-        self.points = merged.tolist()
-        # Exactly affine between breakpoints: each interval's slope and intercept from two inner points.
-        upper = torch.cat([merged[1:], merged[-1:] * 2 + 1])
-        a, b = merged + (upper - merged) / 3, merged + 2 * (upper - merged) / 3
-        ta, tb = self.exact(a), self.exact(b)
-        slopes = (tb - ta) / (b - a)
-        self.lines = list(zip(slopes.tolist(), (ta - slopes * a).tolist()))
-
-    def exact(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The model at each of ``pixels`` (a 1-d float64 tensor)."""
-        speed, p = self.speed, pixels[:, None]
-        nbytes = self.moved * p + self.fixed
-        bandwidth = torch.where(nbytes <= speed.cache_bytes, speed.cache_bytes_per_second, speed.bytes_per_second)
-        seconds = torch.maximum(self.flops * p / speed.flops_per_second, nbytes / bandwidth) + speed.seconds_per_op
-        if speed.fresh_bytes_per_second:
-            allocated = self.new * p
-            faults = torch.where(allocated > speed.reuse_bytes, allocated / speed.fresh_bytes_per_second, 0.0)
-            seconds = seconds + faults
-        return seconds.sum(dim=1)
-
-    def __call__(self, pixels: float) -> float:
-        index = max(0, bisect.bisect_right(self.points, pixels) - 1)
-        slope, intercept = self.lines[index]
-        return slope * pixels + intercept
-
-
-@dataclass(frozen=True)
-class _Costs:
-    """Everything the model needs for one trunk, input and device."""
-
-    profile: TileProfile
-    forward: _CallTime
-    backward: _CallTime
-    fixed: dict[str, int]  # bytes that do not depend on the plan
-    accumulate: float  # seconds to add one call's parameter gradients into the sums
-    grad: bool
-    input_grad: bool
-
-    def working(self, pixels: float) -> float:
-        if not self.grad:
-            return self.profile.inference_set(pixels)
-        return self.profile.working_set(pixels, self.input_grad)
-
-    def kept(self, pixels: float) -> float:
-        return self.profile.kept(pixels)
-
-
-@dataclass(frozen=True)
-class _Group:
-    """Identical trunk calls: ``count`` calls of ``pixels`` pixels and ``tiles`` tiles each."""
-
-    pixels: float
-    tiles: int
-    count: int
-
-
 @dataclass
 class _Choice:
     """A candidate: per-dimension tile limits and batch, its predicted time, memory and calls."""
@@ -302,60 +87,6 @@ class _Choice:
     limits: tuple[int, ...]
     batch: int
     calls: int
-
-
-def _evaluate(
-    costs: _Costs, groups: list[_Group], budget: float, keep_graphs: int | None
-) -> tuple[int, float, dict, float, dict] | None:
-    """For the calls ``groups`` (most pixels first; the last calls keep their graphs): the
-    most kept calls that fit ``budget``, or those of ``keep_graphs`` tiles. Returns (kept
-    calls, memory, its breakdown, seconds, their breakdown), or None if nothing fits."""
-    fixed = sum(costs.fixed.values())
-    available = budget - fixed
-    runs = sum(g.count for g in groups)
-    first = costs.working(groups[0].pixels)  # the largest call, recomputed unless every graph is kept
-    forward = sum(g.count * costs.forward(g.pixels) for g in groups)
-    if not costs.grad:
-        if first > available:
-            return None
-        return 0, fixed + first, {**costs.fixed, "working set": int(first)}, forward, {"forward": forward}
-    # Graphs are kept from the last call backwards; the backward starts with the last call, whose graph
-    # becomes its working set, while the other kept graphs wait.
-    last = groups[-1].pixels
-    extra = costs.working(last) - costs.kept(last)
-    kept = tiles = 0
-    held = 0.0
-    for group in reversed(groups):
-        per_call = costs.kept(group.pixels)
-        if keep_graphs is not None:
-            take = min(group.count, max(0, (keep_graphs - tiles) // group.tiles))
-            if kept == 0 and take == 0 and keep_graphs >= 1:
-                take = 1
-        else:
-            room = available - extra - held
-            take = group.count if per_call <= 0 else min(group.count, max(0, int(room // per_call)))
-        kept, tiles, held = kept + take, tiles + take * group.tiles, held + take * per_call
-        if take < group.count:
-            break
-    kept_peak = held + extra if kept else 0.0
-    recomputed_peak = first if kept < runs else 0.0
-    memory = fixed + max(kept_peak, recomputed_peak)
-    if memory > budget:
-        return None
-    backward = sum(g.count * costs.backward(g.pixels) for g in groups)
-    recompute, left = 0.0, runs - kept
-    for group in groups:  # the first calls are the recomputed ones
-        n = min(left, group.count)
-        recompute += n * costs.forward(group.pixels)
-        left -= n
-    accumulate = runs * costs.accumulate
-    name = "kept graphs and working set" if kept_peak >= recomputed_peak else "working set"
-    breakdown = {**costs.fixed, name: int(max(kept_peak, recomputed_peak))}
-    times = {"forward": forward, "recompute": recompute, "backward": backward, "gradient sums": accumulate}
-    return kept, memory, breakdown, forward + recompute + backward + accumulate, times
-
-
-# ----------------------------------------------------------------------------- candidates
 
 
 def _counts(units: int) -> list[int]:
@@ -410,15 +141,15 @@ def _shapes(per_dim: Sequence[list[int]], batch: int) -> list[tuple[int, int]]:
     return list(shapes.items())
 
 
-def _groups(shapes: list[tuple[int, int]], tile_batch: int) -> list[_Group]:
+def _groups(shapes: list[tuple[int, int]], tile_batch: int) -> list[Group]:
     """The trunk calls of ``tile_batch`` equal tiles (fewer for the remainder), most pixels first."""
     groups = []
     for pixels, count in shapes:
         full, rest = divmod(count, tile_batch)
         if full:
-            groups.append(_Group(pixels * tile_batch, tile_batch, full))
+            groups.append(Group(pixels * tile_batch, tile_batch, full))
         if rest:
-            groups.append(_Group(pixels * rest, rest, 1))
+            groups.append(Group(pixels * rest, rest, 1))
     return sorted(groups, key=lambda g: -g.pixels)
 
 
@@ -438,41 +169,15 @@ def _batches(shapes: list[tuple[int, int]], fixed: int | None, image: int) -> li
 # ----------------------------------------------------------------------------- planning
 
 
-def _costs(
-    module: nn.Module, geometry: TrunkGeometry, planners: list[_DimensionPlanner], input_shape: Sequence[int],
-    grad: bool, input_grad: bool, input_dtype: torch.dtype, activation_dtype: torch.dtype | None,
-    device: torch.device, speed: DeviceSpeed | None,
-) -> _Costs:  # fmt: skip
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    dtype = activation_dtype or (param.dtype if param is not None else torch.float32)
-    # The meta run, on a real tile's region (a length the trunk accepts) of about _REFERENCE_SIDE pixels.
-    middle = [p.region(p.units // 2, p.units // 2).size for p in planners]  # one output pixel's region
-    wanted = tuple(min(p.length, max(_REFERENCE_SIDE, m)) for p, m in zip(planners, middle))
-    reference = tuple(p.plan(w)[0].size for p, w in zip(planners, wanted))  # type: ignore[index]
-    profiles = geometry.__dict__.setdefault("_profiles", {})
-    key = (int(input_shape[1]), input_dtype, dtype, reference)
-    if key not in profiles:
-        if len(profiles) >= 16:
-            profiles.pop(next(iter(profiles)))
-        shape = (1, int(input_shape[1])) + reference
-        profiles[key] = profile_tile(module, shape, input_dtype=input_dtype, activation_dtype=dtype)
-    profile = profiles[key]
-    speed = speed or device_speed(device, dtype)
-    batch, size = int(input_shape[0]), element_size(dtype)
-    shapes = geometry.output_shapes(input_shape[2:])
-    outputs = sum(batch * c * math.prod(s) for c, s in zip(profile.channels, shapes)) * size
-    fixed = {"outputs": outputs}
-    params = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    if grad:
-        fixed["output gradients"] = outputs
-        if params:
-            fixed["parameter gradients"] = 2 * params
-        if input_grad:
-            fixed["input gradient"] = math.prod(input_shape) * element_size(input_dtype)
-    accumulate = speed.op_seconds(0.0, 3.0 * params) if grad and params else 0.0
-    return _Costs(
-        profile, _CallTime(profile, speed, 1.0), _CallTime(profile, speed, 2.0), fixed, accumulate, grad, input_grad
-    )
+@dataclass(frozen=True)
+class _Option:
+    """A way to stream the trunk: all of it (``streamed`` None), or its first ``streamed``
+    children with the rest run whole; the geometry and costs of the streamed part."""
+
+    streamed: int | None
+    name: str
+    geometry: TrunkGeometry
+    costs: Costs
 
 
 def plan_for_budget(
@@ -493,45 +198,76 @@ def plan_for_budget(
 ) -> StreamPlan:
     """The fastest :class:`StreamPlan` whose predicted memory fits ``memory_budget`` (see
     the module docstring for the model and the search). ``tile_size``, ``keep_graphs`` and
-    ``tile_batch``, when given, are kept as they are and the rest is chosen.
+    ``tile_batch``, when given, are kept as they are and the rest is chosen; with an
+    explicit ``tile_size`` the whole trunk is streamed.
 
     Raises :class:`~lightning_streaming.TileTooSmallError` when nothing fits.
     """
     budget = parse_bytes(memory_budget)
     spatial = tuple(int(s) for s in input_shape[2:])
-    planners = [_DimensionPlanner(geometry, d, n) for d, n in enumerate(spatial)]
-    costs = _costs(module, geometry, planners, input_shape, grad, input_grad, input_dtype, activation_dtype,
-                   torch.device(device), speed)  # fmt: skip
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype = activation_dtype or (param.dtype if param is not None else torch.float32)
+    speed = speed or device_speed(device, dtype)
+    chain = chain_of(module) if tile_size is None else []
+    profile = _profile(module, geometry, input_shape, input_dtype, dtype, [m for _, m in chain])
+    flags = _Flags(grad, input_grad, input_dtype, dtype, int(input_shape[0]), spatial, speed)
+    options = [_Option(None, "", geometry, _costs(profile, list(module.parameters()), geometry, flags))]
+    for cut in _cuts(profile, chain, geometry):
+        name, prefix = chain[cut.index][0], prefix_geometry(geometry, chain[cut.index][0])
+        if prefix is None:
+            continue
+        streamed_params = [p for _, m in chain[: cut.index + 1] for p in m.parameters()]
+        rest_params = [p for _, m in chain[cut.index + 1 :] for p in m.parameters()]
+        costs = _costs(profile.prefix(cut), streamed_params, prefix, flags, profile.suffix(cut), rest_params)
+        if sum(costs.fixed.values()) < budget:
+            options.append(_Option(cut.index + 1, name, prefix, costs))
     fixed_tiles = tuple(tile_size) if tile_size is not None else (None,) * len(spatial)
-    per_dim = [_dimension_candidates(p, t) for p, t in zip(planners, fixed_tiles)]
-    if any(not c for c in per_dim):
-        plan_tiles(geometry, spatial, tuple(t or 1 for t in fixed_tiles))  # raises TileTooSmallError
-    batch = int(input_shape[0])
 
-    def search(batches_allowed: bool) -> tuple[_Choice | None, float]:
-        found: list[_Choice] = []
+    whole = [Group(float(flags.batch * math.prod(spatial)), 1, 1)]
+    # No plan of an option beats its streamed part as one tile with its graph kept: try the
+    # options in that order and stop where that bound passes the fastest plan found.
+    bounds = [evaluate(o.costs, whole, math.inf, 1 if grad else None) for o in options]
+    ordered = [o for _, o in sorted(zip([b[3] if b else math.inf for b in bounds], options), key=lambda bo: bo[0])]
+    bound_of = {id(o): (b[3] if b else math.inf) for o, b in zip(options, bounds)}
+    overhead = {id(o): o.costs.forward(0.0) + o.costs.backward(0.0) for o in options}  # a call's fixed cost
+
+    def search(batches_allowed: bool) -> tuple[tuple[_Choice, _Option] | None, float]:
+        found: list[tuple[_Choice, _Option]] = []
         least = math.inf
-        for combination in _combinations(per_dim):
-            if math.prod(len(sizes) for _, sizes in combination) > _MAX_TILES:
-                continue
-            shapes = _shapes([sizes for _, sizes in combination], batch)
-            fixed = tile_batch if tile_batch is not None else (None if batches_allowed else 1)
-            for b in _batches(shapes, fixed, batch * math.prod(spatial)):
-                groups = _groups(shapes, b)
-                least = min(least, sum(costs.fixed.values()) + costs.working(groups[0].pixels))
-                result = _evaluate(costs, groups, budget, keep_graphs if grad else None)
-                if result is not None:
-                    limits = tuple(limit for limit, _ in combination)
-                    found.append(_Choice(result[3], result[1], limits, b, sum(g.count for g in groups)))
+        for option in ordered:
+            if found and bound_of[id(option)] > min(c.seconds for c, _ in found) * (1 + _TOLERANCE):
+                break
+            planners = [_DimensionPlanner(option.geometry, d, n) for d, n in enumerate(spatial)]
+            per_dim = [_dimension_candidates(p, t) for p, t in zip(planners, fixed_tiles)]
+            if any(not c for c in per_dim):
+                plan_tiles(option.geometry, spatial, tuple(t or 1 for t in fixed_tiles))  # raises TileTooSmallError
+            fixed = sum(option.costs.fixed.values())
+            for combination in _combinations(per_dim):
+                if math.prod(len(sizes) for _, sizes in combination) > _MAX_TILES:
+                    continue
+                shapes = _shapes([sizes for _, sizes in combination], flags.batch)
+                allowed = tile_batch if tile_batch is not None else (None if batches_allowed else 1)
+                largest = max(pixels for pixels, _ in shapes)
+                if allowed is None and overhead[id(option)] < _BATCH_PAYS * option.costs.forward(largest):
+                    allowed = 1  # a call's fixed cost is negligible next to its work: batching cannot pay
+                for b in _batches(shapes, allowed, flags.batch * math.prod(spatial)):
+                    groups = _groups(shapes, b)
+                    least = min(least, fixed + option.costs.working(groups[0].pixels))
+                    result = evaluate(option.costs, groups, budget, keep_graphs if grad else None)
+                    if result is not None:
+                        limits = tuple(limit for limit, _ in combination)
+                        choice = _Choice(result[3], result[1], limits, b, sum(g.count for g in groups))
+                        found.append((choice, option))
         if not found:
             return None, least
-        # Within a few percent of the fastest, fewer and larger calls: the model is least sure of small ones.
-        fastest = min(c.seconds for c in found)
-        near = [c for c in found if c.seconds <= fastest * (1 + _TOLERANCE)]
-        return min(near, key=lambda c: (c.calls, c.seconds, c.memory)), least
+        # Within a few percent of the fastest: fewer, larger calls (the model is least sure of small
+        # ones), then the whole trunk streamed rather than split.
+        fastest = min(c.seconds for c, _ in found)
+        near = [(c, o) for c, o in found if c.seconds <= fastest * (1 + _TOLERANCE)]
+        return min(near, key=lambda co: (co[0].calls, co[1].streamed is not None, co[0].seconds, co[0].memory)), least
 
     best, least = search(batches_allowed=True)
-    if best is not None and best.batch > 1:
+    if best is not None and best[0].batch > 1:
         mixing = batch_mixing(module, geometry, int(input_shape[1]))
         if mixing is not None:
             if tile_batch is not None and tile_batch > 1:
@@ -539,14 +275,99 @@ def plan_for_budget(
             log.info("not batching tiles: %s", mixing)
             best, least = search(batches_allowed=False)
     if best is None:
-        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in costs.fixed.items())
+        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in options[0].costs.fixed.items())
         raise TileTooSmallError(
             f"memory_budget {format_bytes(budget)} is too small for an input of shape {tuple(input_shape)}: the plan "
             f"that needs the least memory needs about {format_bytes(least)} ({parts}, and one tile's working set). "
             "Raise the budget, lower the batch size, or give an explicit tile_size",
-            tuple(p.minimum_tile() for p in planners),
+            tuple(_DimensionPlanner(geometry, d, n).minimum_tile() for d, n in enumerate(spatial)),
         )
-    return _finish(geometry, spatial, costs, best, budget, grad, keep_graphs, input_shape)
+    return _finish(best[1], options[0].costs, best[0], budget, keep_graphs, flags)
+
+
+@dataclass(frozen=True)
+class _Flags:
+    """What the plan is for: grad mode, dtypes, the input's batch and spatial shape, the device's speed."""
+
+    grad: bool
+    input_grad: bool
+    input_dtype: torch.dtype
+    dtype: torch.dtype
+    batch: int
+    spatial: tuple[int, ...]
+    speed: DeviceSpeed
+
+
+def _cuts(profile: TileProfile, chain: list[tuple[str, nn.Module]], geometry: TrunkGeometry) -> list:
+    """Where to try cutting the chain: after the first and the last child at each resolution
+    (a cut inside a resolution saves no memory that its ends do not), never after the last."""
+    scales = []
+    for cut in profile.cuts[:-1]:
+        nodes = geometry.module_nodes.get(chain[cut.index][0])
+        scales.append(geometry.nodes[nodes[-1]].scale if nodes and cut.channels else None)
+    kept = []
+    for i, cut in enumerate(profile.cuts[:-1]):
+        if scales[i] is None:
+            continue
+        first = i == 0 or scales[i - 1] != scales[i]
+        last = i + 1 == len(scales) or scales[i + 1] != scales[i]
+        if first or last:
+            kept.append(cut)
+    return kept
+
+
+def _profile(
+    module: nn.Module, geometry: TrunkGeometry, input_shape: Sequence[int], input_dtype: torch.dtype,
+    dtype: torch.dtype, chain: list[nn.Module],
+) -> TileProfile:  # fmt: skip
+    """The trunk's meta-device profile, on a real tile's region (a length the trunk accepts)
+    of about ``_REFERENCE_SIDE`` pixels; cached with the geometry."""
+    spatial = tuple(int(s) for s in input_shape[2:])
+    planners = [_DimensionPlanner(geometry, d, n) for d, n in enumerate(spatial)]
+    # The region of the first units making about _REFERENCE_SIDE pixels: a length the trunk accepts.
+    spans = [max(1, min(p.units, p.units * _REFERENCE_SIDE // p.length)) for p in planners]
+    reference = tuple(p.region(0, span - 1).size for p, span in zip(planners, spans))
+    profiles = geometry.__dict__.setdefault("_profiles", {})
+    key = (int(input_shape[1]), input_dtype, dtype, reference, bool(chain))
+    if key not in profiles:
+        if len(profiles) >= 16:
+            profiles.pop(next(iter(profiles)))
+        shape = (1, int(input_shape[1])) + reference
+        profiles[key] = profile_tile(module, shape, input_dtype=input_dtype, activation_dtype=dtype, chain=chain)
+    return profiles[key]
+
+
+def _costs(
+    profile: TileProfile, params: list[torch.Tensor], geometry: TrunkGeometry, flags: _Flags,
+    rest: TileProfile | None = None, rest_params: Sequence[torch.Tensor] = (),
+) -> Costs:  # fmt: skip
+    """The costs of streaming ``profile``'s part of the trunk (outputs of ``geometry``) and
+    running ``rest`` whole after it."""
+    size = element_size(flags.dtype)
+    shapes = geometry.output_shapes(flags.spatial)
+    outputs = sum(flags.batch * c * math.prod(s) for c, s in zip(profile.channels, shapes)) * size
+    fixed = {"outputs": outputs}
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    if flags.grad:
+        fixed["output gradients"] = outputs
+        if trained:
+            fixed["parameter gradients"] = 2 * trained
+        if flags.input_grad:
+            fixed["input gradient"] = int(flags.batch * math.prod(flags.spatial) * profile.input)
+    seconds = 0.0
+    if rest is not None:
+        pixels = flags.batch * math.prod(flags.spatial)
+        # Run whole: every allocation (autograd may keep each), twice its largest, its parameters' gradients.
+        held = rest.allocated + 2 * rest.largest if flags.grad else rest.no_grad_peak
+        rest_trained = sum(p.numel() * p.element_size() for p in rest_params if p.requires_grad) if flags.grad else 0
+        fixed["rest of the trunk, run whole"] = int(pixels * held + rest_trained)
+        forward = CallTime(rest, flags.speed, 1.0)(pixels)
+        seconds = forward + (CallTime(rest, flags.speed, 2.0)(pixels) if flags.grad else 0.0)
+    accumulate = flags.speed.op_seconds(0.0, 3.0 * trained) if flags.grad and trained else 0.0
+    return Costs(
+        profile, CallTime(profile, flags.speed, 1.0), CallTime(profile, flags.speed, 2.0), fixed, accumulate,
+        flags.grad, flags.input_grad, seconds,
+    )  # fmt: skip
 
 
 def _combinations(per_dim: list[list[tuple[int, list[int]]]]) -> list[tuple]:
@@ -558,25 +379,25 @@ def _combinations(per_dim: list[list[tuple[int, list[int]]]]) -> list[tuple]:
     return list(itertools.product(*lists))
 
 
-def _finish(
-    geometry: TrunkGeometry, spatial: tuple[int, ...], costs: _Costs, choice: _Choice, budget: int, grad: bool,
-    keep_graphs: int | None, input_shape: Sequence[int],
-) -> StreamPlan:  # fmt: skip
+def _finish(option: _Option, whole: Costs, choice: _Choice, budget: int, keep_graphs: int | None, flags: _Flags) -> StreamPlan:
     """The exact plan at the chosen limits, its calls and the most kept graphs that fit."""
-    tiles = plan_tiles(geometry, spatial, choice.limits)
+    tiles = plan_tiles(option.geometry, flags.spatial, choice.limits)
     runs = group_runs(tiles, choice.batch, by_size=True)
-    batch, regions = int(input_shape[0]), [math.prod(s.size for s in tile) for tile in tiles]
-    groups = [_Group(batch * sum(regions[i] for i in run), len(run), 1) for run in runs]
-    result = _evaluate(costs, groups, budget, keep_graphs if grad else None)
+    regions = [math.prod(s.size for s in tile) for tile in tiles]
+    groups = [Group(flags.batch * sum(regions[i] for i in run), len(run), 1) for run in runs]
+    keep = keep_graphs if flags.grad else None
+    result = evaluate(option.costs, groups, budget, keep)
     if result is None:  # its regions are no larger than the candidate's, so this is not expected
-        result = _evaluate(costs, groups, math.inf, (keep_graphs if keep_graphs is not None else 1) if grad else None)
+        result = evaluate(option.costs, groups, math.inf, (keep if keep is not None else 1) if flags.grad else None)
         assert result is not None
-        log.warning("the tile plan for %s needs about %s, over the budget of %s", tuple(input_shape),
+        log.warning("the tile plan for %s needs about %s, over the budget of %s", flags.spatial,
                     format_bytes(result[1]), format_bytes(budget))  # fmt: skip
     kept, memory, breakdown, seconds, times = result
-    whole = _Group(float(batch * math.prod(spatial)), 1, 1)
-    conventional = _evaluate(costs, [whole], math.inf, 1 if grad else None)
+    conventional = evaluate(whole, [Group(float(flags.batch * math.prod(flags.spatial)), 1, 1)], math.inf,
+                            1 if flags.grad else None)  # fmt: skip
     assert conventional is not None
+    split = (option.streamed, option.name) if option.streamed is not None else None
     return StreamPlan(
-        tiles, runs, kept, grad, budget, int(memory), seconds, breakdown, times, int(conventional[1]), conventional[3]
-    )
+        tiles, runs, kept, flags.grad, budget, int(memory), seconds, breakdown, times, int(conventional[1]),
+        conventional[3], split,
+    )  # fmt: skip

@@ -10,6 +10,7 @@ at a reference region gives them per pixel.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -100,26 +101,50 @@ def _fast_meta(func, args: tuple) -> tuple | None:  # type: ignore[no-untyped-de
 
 
 @dataclass(frozen=True)
+class Cut:
+    """Where a chain of modules (the children of a ``Sequential`` trunk) may be cut: after
+    child ``index``, ``ops`` operators and ``saved`` bytes per pixel saved for the backward
+    into the run, at a peak of ``no_grad_peak`` bytes per pixel so far without grad; the
+    child's output has ``output`` bytes per pixel and ``channels`` channels."""
+
+    index: int
+    ops: int
+    saved: float
+    no_grad_peak: float
+    output: float
+    channels: int
+
+
+@dataclass(frozen=True)
 class TileProfile:
     """One run of a trunk, per input pixel of the tile (one image's pixel: multiply by the
     batch size and the region's pixels).
 
-    ``allocated``: every tensor the forward allocates (autograd may keep any of them);
+    ``ops``: every operator, with the bytes it allocates (autograd may keep any of them);
     ``saved``: the bytes autograd keeps from the forward for the backward (what a kept
-    graph holds), with the tile's outputs; ``largest``: the largest activation;
-    ``no_grad_peak``: the most bytes alive at once in a forward without grad;
-    ``input``: the region itself, at the input's dtype. ``ops``: every operator.
-    ``reference``: the region shape the run used; ``channels``: each output's channels.
+    graph holds), with the tile's outputs; ``no_grad_peak``: the most bytes alive at once
+    in a forward without grad; ``input``: the region itself, at the input's dtype.
+    ``reference``: the region shape the run used; ``channels``: each output's channels;
+    ``cuts``: where the trunk's chain of children may be cut (see :meth:`prefix`).
     """
 
     reference: tuple[int, ...]
     channels: tuple[int, ...]
-    allocated: float
     saved: float
-    largest: float
     no_grad_peak: float
     input: float
     ops: tuple[OpCost, ...]
+    cuts: tuple[Cut, ...] = ()
+
+    @functools.cached_property
+    def allocated(self) -> float:
+        """Bytes per pixel of every tensor the forward allocates."""
+        return sum(op.allocated for op in self.ops)
+
+    @functools.cached_property
+    def largest(self) -> float:
+        """Bytes per pixel of the largest activation."""
+        return max((op.allocated for op in self.ops), default=0.0)
 
     def working_set(self, pixels: float, input_grad: bool = False) -> float:
         """Peak bytes of one recompute-and-backward of a tile of ``pixels`` (batch included):
@@ -136,6 +161,17 @@ class TileProfile:
         """Peak bytes of a forward without grad on a tile of ``pixels``."""
         return pixels * (self.no_grad_peak + self.input)
 
+    def prefix(self, cut: Cut) -> "TileProfile":
+        """The trunk up to ``cut``, per pixel of the trunk's input."""
+        return TileProfile(self.reference, (cut.channels,), cut.saved + cut.output, cut.no_grad_peak, self.input,
+                           self.ops[: cut.ops])  # fmt: skip
+
+    def suffix(self, cut: Cut) -> "TileProfile":
+        """The trunk after ``cut``, per pixel of the trunk's input; its input is the cut's output."""
+        rest = self.ops[cut.ops :]
+        largest = max((op.allocated for op in rest), default=0.0)
+        return TileProfile(self.reference, self.channels, self.saved - cut.saved, 3 * largest, cut.output, rest)
+
 
 def _stand_ins(module: nn.Module, grad: bool) -> tuple[dict[str, Tensor], torch.dtype | None]:
     """Meta-device stand-ins of the parameters and buffers: the trunk itself is untouched."""
@@ -150,10 +186,12 @@ def _stand_ins(module: nn.Module, grad: bool) -> tuple[dict[str, Tensor], torch.
 
 def _meta_run(
     module: nn.Module, region_shape: Sequence[int], input_dtype: torch.dtype, activation_dtype: torch.dtype | None,
-    grad: bool,
-) -> tuple[_Trace, dict[int, int], torch.dtype, tuple[int, ...]]:
+    grad: bool, boundaries: Sequence[nn.Module] = (),
+) -> tuple[_Trace, dict[int, int], torch.dtype, tuple[int, ...], list[tuple]]:
     """Run ``module`` on a meta region; returns the trace, the storages autograd saved
-    (with ``grad``: id -> bytes), the activation dtype used and the outputs' channels."""
+    (with ``grad``: id -> bytes), the activation dtype used, the outputs' channels and,
+    after each of ``boundaries`` (submodules), (operators, saved bytes, peak live bytes,
+    output bytes, output channels) so far."""
     stand_ins, param_dtype = _stand_ins(module, grad)
     meta_dtype = param_dtype if param_dtype is not None else input_dtype
     activation_dtype = activation_dtype or meta_dtype
@@ -170,6 +208,14 @@ def _meta_run(
             held.append(tensor)
         return tensor
 
+    marks: list[tuple] = []
+
+    def mark(_module: nn.Module, _inputs: object, output: object) -> None:
+        leaf = output if isinstance(output, Tensor) and output.dim() > 1 else None
+        nbytes, channels = (trace.nbytes(leaf), int(leaf.shape[1])) if leaf is not None else (0, 0)
+        marks.append((len(trace.ops), sum(saved.values()), trace.peak, nbytes, channels))
+
+    hooks = [b.register_forward_hook(mark) for b in boundaries]
     region = torch.empty(tuple(region_shape), dtype=meta_dtype, device="meta")
     try:
         with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), trace:
@@ -184,7 +230,10 @@ def _meta_run(
             f"could not estimate the memory of {type(module).__name__} on a tile of shape {tuple(region_shape)} "
             f"({type(error).__name__}: {error}); pass an explicit tile_size instead of 'auto'"
         ) from error
-    return trace, saved, activation_dtype, channels
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return trace, saved, activation_dtype, channels, marks
 
 
 def profile_tile(
@@ -193,25 +242,31 @@ def profile_tile(
     *,
     input_dtype: torch.dtype = torch.float32,
     activation_dtype: torch.dtype | None = None,
+    chain: Sequence[nn.Module] = (),
 ) -> TileProfile:
     """The :class:`TileProfile` of ``module`` from meta-device runs on a region of
     ``region_shape`` ``(N, C, *spatial)``: one without grad (allocations, FLOPs, bytes
-    moved, the no-grad peak), one with grad (what autograd saves)."""
+    moved, the no-grad peak), one with grad (what autograd saves). ``chain``: the modules
+    ``module`` runs one after another (a ``Sequential``'s children), each called once;
+    the profile then records a :class:`Cut` after each."""
     pixels = math.prod(region_shape[2:]) * region_shape[0]
-    trace, _, dtype, _ = _meta_run(module, region_shape, input_dtype, activation_dtype, grad=False)
-    _, saved, _, channels = _meta_run(module, region_shape, input_dtype, activation_dtype, grad=True)
-    size = element_size(dtype)
-    sizes = [n * (size if d.is_floating_point else element_size(d)) for n, d in trace.allocations]
+    trace, _, _, _, free = _meta_run(module, region_shape, input_dtype, activation_dtype, False, chain)
+    _, saved, _, channels, kept = _meta_run(module, region_shape, input_dtype, activation_dtype, True, chain)
     input_bytes = math.prod(region_shape[1:]) * region_shape[0] * element_size(input_dtype)
+    cuts: tuple[Cut, ...] = ()
+    if len(free) == len(kept) == len(chain):  # each child ran once
+        cuts = tuple(
+            Cut(i, ops, held / pixels, peak / pixels, out / pixels, c)
+            for i, ((ops, _, peak, out, c), (_, held, _, _, _)) in enumerate(zip(free, kept))
+        )
     return TileProfile(
         reference=tuple(int(s) for s in region_shape),
         channels=channels,
-        allocated=sum(sizes) / pixels,
         saved=sum(saved.values()) / pixels,
-        largest=max(sizes, default=0) / pixels,
         no_grad_peak=trace.peak / pixels,
         input=input_bytes / pixels,
         ops=tuple(OpCost(f / pixels, moved / pixels, new / pixels, fixed) for f, moved, new, fixed in trace.ops),
+        cuts=cuts,
     )
 
 
@@ -238,7 +293,7 @@ def estimate_tile_memory(
     and optimizer state, the trunk's full output and its gradient, the head). It is an
     estimate to choose a tile size with, not a guarantee: leave headroom.
     """
-    trace, _, dtype, _ = _meta_run(module, region_shape, input_dtype, activation_dtype, grad=False)
+    trace, _, dtype, _, _ = _meta_run(module, region_shape, input_dtype, activation_dtype, grad=False)
     size = element_size(dtype)
     sizes = [n * (size if d.is_floating_point else element_size(d)) for n, d in trace.allocations]
     region_bytes = math.prod(region_shape) * element_size(input_dtype)

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .batching import batch_mixing
-from .budget import StreamPlan, explicit_plan, format_bytes, parse_bytes, plan_for_budget
+from .budget import parse_bytes, plan_for_budget
+from .chain import split_modules
+from .schedule import StreamPlan, explicit_plan, format_bytes
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan, normalise_tile_size, plan_tiles
 from .source import RegionSource, is_region_source
@@ -493,19 +495,29 @@ def stream(
     device = _tile_device(module, input, tile_device)
     _check_input(module, input, device, tile_device is not None, transform)
     geometry = _geometry_for(module, input.shape)
-    params = [p for p in module.parameters() if p.requires_grad]
-    grad = torch.is_grad_enabled() and bool(getattr(input, "requires_grad", False) or params)
+    requires_grad = bool(getattr(input, "requires_grad", False))  # a RegionSource has no gradient
+    grad = torch.is_grad_enabled() and (requires_grad or any(p.requires_grad for p in module.parameters()))
     plan = _plan(
-        module, geometry, input.shape, tile_size, keep_graphs, memory_budget, tile_batch, grad,
-        bool(getattr(input, "requires_grad", False)), input.dtype, _activation_dtype(device), device,
+        module, geometry, input.shape, tile_size, keep_graphs, memory_budget, tile_batch, grad, requires_grad,
+        input.dtype, _activation_dtype(device), device,
     )  # fmt: skip
+    if plan.split is not None:  # the first children streamed, the rest run whole on their small output
+        streamed, rest = split_modules(module, plan.split[0])
+        return rest(_run(streamed, input, plan, device, transform)[0])
+    return pytree.tree_unflatten(_run(module, input, plan, device, transform), geometry.output_spec)
+
+
+def _run(
+    module: nn.Module, input: Tensor | RegionSource, plan: StreamPlan, device: torch.device,
+    transform: Callable[[Tensor], Tensor] | None,
+) -> list[Tensor]:  # fmt: skip
+    """``module``'s outputs on ``input``, tile by tile as ``plan`` says."""
+    params = [p for p in module.parameters() if p.requires_grad]
     runner = _TileRunner(module, plan.tiles, params, device, transform, plan.runs)
-    if not grad:
+    if not torch.is_grad_enabled() or not (getattr(input, "requires_grad", False) or params):
         with torch.no_grad():
-            outputs = runner.forward(input)[0]
-    else:
-        outputs = list(_StreamFunction.apply(runner, plan.kept_runs, input, *params))
-    return pytree.tree_unflatten(outputs, geometry.output_spec)
+            return runner.forward(input)[0]
+    return list(_StreamFunction.apply(runner, plan.kept_runs, input, *params))
 
 
 def stream_plan(

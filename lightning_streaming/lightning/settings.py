@@ -9,7 +9,7 @@ from lightning_fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from ..core import StreamPlan, parse_bytes, stream, stream_plan
+from ..core import StreamPlan, TileTooSmallError, parse_bytes, stream, stream_plan, tile_plan
 
 TileSize = Union[int, Sequence[int]]
 DEFAULT_TILE_SIZE = 1024
@@ -99,7 +99,14 @@ class StreamingSettings:
         size, the budget planner's choice for ``x``'s shape."""
         if not self.planned:
             return self._tile_size(default)  # type: ignore[return-value]
-        return self.plan(trunk, x, device).tile_size
+        plan = self.plan(trunk, x, device)
+        if plan.split is None:
+            return plan.tile_size
+        try:  # the plan streams only the first children: its tile may not hold the whole trunk's receptive field
+            tile_plan(trunk, tuple(x.shape), plan.tile_size)
+            return plan.tile_size
+        except TileTooSmallError as error:
+            return error.minimum_tile
 
     def _tile_size(self, default: TileSize | None) -> TileSize | str:
         if self.planned:
