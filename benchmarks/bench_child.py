@@ -146,20 +146,23 @@ def budget_plan_info(spec: RunSpec, trunk: nn.Module, shape: tuple[int, ...], de
     start = time.perf_counter()
     ls.tile_plan(trunk, shape, max(shape[2:]))
     analysis_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if spec.mode == "per-tile":
         tile = ls.auto_tile_size(trunk, shape, spec.memory_budget, activation_dtype=_autocast_dtype(spec))
-        plan_s = time.perf_counter() - start
-        chosen = {"analysis_s": analysis_s, "plan_s": plan_s, "resolved_tile": [tile, tile], "tile_batch": 1}
+        plan_s, plan_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+        chosen = {"analysis_s": analysis_s, "plan_s": plan_s, "plan_cpu_s": plan_cpu_s, "resolved_tile": [tile, tile],
+                  "tile_batch": 1}  # fmt: skip
         return chosen | {"plan_keep_graphs": spec.keep_graphs} | _tiles_info(ls.tile_plan(trunk, shape, tile), shape)
     plan = ls.stream_plan(
         trunk, shape, memory_budget=spec.memory_budget, grad=spec.grad, device=device,
         activation_dtype=_autocast_dtype(spec),
     )  # fmt: skip
-    plan_s = time.perf_counter() - start
+    plan_s, plan_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     return {
         "analysis_s": analysis_s,
         "plan_s": plan_s,
+        "plan_cpu_s": plan_cpu_s,
+        "split": plan.split[1] if plan.split else None,
         "resolved_tile": list(plan.tile_size),
         "plan_keep_graphs": plan.keep_graphs,
         "tile_batch": plan.tile_batch,
