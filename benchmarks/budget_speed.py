@@ -34,7 +34,6 @@ Writes ``<out-dir>/budget_speed.md``, ``budget_speed.json`` and ``budget_speed.p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -44,6 +43,7 @@ from typing import Any, Sequence
 import budget_report as report
 from bench_child import RunSpec, child_main
 from bench_networks import NETWORKS, build, conventional_step_bytes
+from driver import run_driver
 from memory_speed import Group, log_progress, run_child, run_groups
 
 log = logging.getLogger("budget_speed")
@@ -144,26 +144,19 @@ def plan_groups(args: argparse.Namespace, peaks: dict[tuple[str, int], dict[str,
     return groups
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child is not None:
-        return child_main(args.child)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    raw = args.out_dir / "budget_speed.json"
-    if args.replot:
-        saved = json.loads(raw.read_text())
-        args = parse_args([*saved["args"], "--out-dir", str(args.out_dir)])
-        write_outputs(saved["results"], saved["peaks"], args)
-        return 0
+def measure_all(args: argparse.Namespace) -> dict[str, Any]:
     peaks, results = calibrate(args)
     groups = plan_groups(args, peaks)
     log.info("%d groups, %d runs", len(groups), sum(len(g.specs) * g.repeats for g in groups))
     results += run_groups(groups, args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    saved_peaks = [{"network": n, "size": s, **v} for (n, s), v in peaks.items()]
-    raw.write_text(json.dumps({"args": args.argv, "results": results, "peaks": saved_peaks}, indent=1))
-    write_outputs(results, saved_peaks, args)
-    return 0
+    return {"results": results, "peaks": [{"network": n, "size": s, **v} for (n, s), v in peaks.items()]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_driver(
+        argv, parse_args, "budget_speed", child_main, measure_all,
+        lambda saved, args: write_outputs(saved["results"], saved["peaks"], args),
+    )  # fmt: skip
 
 
 def write_outputs(results: list[dict[str, Any]], peaks: list[dict[str, Any]], args: argparse.Namespace) -> None:

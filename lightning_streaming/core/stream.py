@@ -462,9 +462,11 @@ def stream(
     (twice the trainable parameters), the input gradient when the input requires grad,
     the kept graphs and the working set of the trunk call being run; not the input itself,
     the parameters, the head or the optimizer. ``tile_size="auto"`` lets the planner
-    choose the tile size too; an explicit ``tile_size``, ``keep_graphs`` or ``tile_batch``
-    is kept and the rest chosen around it. The plan is made once per input shape and
-    settings, and logged (INFO) when made.
+    choose the tile size too, and for a plain ``nn.Sequential`` trunk it may stream only
+    its first children and run the rest whole on their (low-resolution) output, which
+    keeps the halo of the streamed part small; an explicit ``tile_size``, ``keep_graphs``
+    or ``tile_batch`` is kept and the rest chosen around it. The plan is made once per
+    input shape and settings, and logged (INFO) when made.
 
     Args:
         module: the trunk, a module of local operations mapping (N, C, *spatial) to
