@@ -357,8 +357,9 @@ def _costs(
     seconds = 0.0
     if rest is not None:
         pixels = flags.batch * math.prod(flags.spatial)
-        # Run whole: every allocation (autograd may keep each), twice its largest, its parameters' gradients.
-        held = rest.allocated + 2 * rest.largest if flags.grad else rest.no_grad_peak
+        # Run whole: every allocation (autograd may keep each), twice its largest, its parameters' gradients,
+        # and a copy of its input (a CPU convolution reorders its input into a blocked layout).
+        held = (rest.allocated + 2 * rest.largest if flags.grad else rest.no_grad_peak) + rest.input
         rest_trained = sum(p.numel() * p.element_size() for p in rest_params if p.requires_grad) if flags.grad else 0
         fixed["rest of the trunk, run whole"] = int(pixels * held + rest_trained)
         forward = CallTime(rest, flags.speed, 1.0)(pixels)

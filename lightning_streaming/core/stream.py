@@ -13,6 +13,7 @@ from .batching import batch_mixing
 from .budget import parse_bytes, plan_for_budget
 from .chain import split_modules
 from .schedule import StreamPlan, explicit_plan, format_bytes
+from .speed import device_speed
 from .graph import TrunkGeometry, geometry_of
 from .plan import Segment, TilePlan, normalise_tile_size, plan_tiles
 from .source import RegionSource, is_region_source
@@ -606,8 +607,10 @@ def _plan(
         keep = 1 if keep_graphs is None else keep_graphs
         return explicit_plan(_cached_plan(geometry, spatial, tiles), keep, tile_batch or 1, grad)
     budget = parse_bytes(memory_budget)
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    speed = device_speed(device, activation_dtype or (param.dtype if param is not None else torch.float32))
     key = (tuple(int(s) for s in input_shape), tiles, keep_graphs, budget, tile_batch, grad, input_grad, input_dtype,
-           activation_dtype, device)  # fmt: skip
+           activation_dtype, device, speed)  # fmt: skip
     plans = geometry.__dict__.setdefault("_budget_plans", {})
     if key not in plans:
         if len(plans) >= _MAX_PLANS_PER_TRUNK:
@@ -615,7 +618,7 @@ def _plan(
         plan = plan_for_budget(
             module, geometry, input_shape, budget, grad=grad, input_grad=input_grad, input_dtype=input_dtype,
             activation_dtype=activation_dtype, device=device, tile_size=tiles, keep_graphs=keep_graphs,
-            tile_batch=tile_batch,
+            tile_batch=tile_batch, speed=speed,
         )  # fmt: skip
         log.info("memory_budget %s for input %s: %s", format_bytes(budget), tuple(input_shape), plan)
         plans[key] = plan
