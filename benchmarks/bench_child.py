@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 import lightning_streaming as ls
 from bench_networks import Head, build
+from vs_common import Memory
 
 RESULT_PREFIX = "MEMORY_SPEED_RESULT "
 PRIMING_SIZE = 64  # pixels per side of the tiny step that initialises the runtime before the baseline
@@ -59,29 +59,34 @@ class RunSpec:
 
 
 class MemoryProbe:
-    """Peak memory of the process (CPU: ``ru_maxrss``; CUDA: ``max_memory_allocated``)."""
+    """Peak memory of the process (CPU: the kernel's high-water mark of resident memory,
+    ``VmHWM``, via vs_common's ``Memory``; CUDA: ``max_memory_allocated``).
+
+    Not ``ru_maxrss``: Linux keeps the larger of it and the parent's resident memory at
+    ``fork`` across ``exec``, so a child of a driver that built large models reported the
+    driver's memory as its own idle baseline."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
         self.device = device
+        self.resident = None if self.cuda else Memory()
 
     @property
     def source(self) -> str:
-        return "torch.cuda.max_memory_allocated" if self.cuda else "ru_maxrss"
+        return "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM"
 
     def peak_mib(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / MiB
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return self.resident.peak_mib()
 
     def current_mib(self) -> float:
-        """Memory in use now (the baseline): CUDA allocated bytes, or the RSS high-water
-        mark, which equals the current RSS while nothing big has been allocated yet."""
+        """Memory in use now (the baseline): CUDA allocated bytes, or the resident memory."""
         if self.cuda:
             return torch.cuda.memory_allocated(self.device) / MiB
-        return self.peak_mib()
+        return self.resident.current_mib()
 
     def synchronize(self) -> None:
         if self.cuda:
