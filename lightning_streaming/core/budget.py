@@ -9,13 +9,17 @@ parameters), the input gradient buffer when the input requires grad, the graphs 
 from the forward, and the working set of the trunk call being backpropagated. Without
 grad it is the outputs and one trunk call's forward working set.
 
-The search tries every combination of per-dimension tile counts (all up to 8, then
-about 30% apart, while the halo stays below three times the image), every power-of-two batch of
-equal shapes, and for each the most kept graphs that fit; of the plans within 2% of the
-fastest it keeps the one with the fewest trunk calls (the model is least sure of small
-ones), then the fastest. Halo, recomputation and per-call overhead pull in different
-directions: larger tiles have less halo and fewer calls, smaller tiles let more of the
-image keep its graph and, on a CPU, run in cache.
+The search considers streaming the whole trunk and, for a plain ``Sequential`` trunk,
+streaming only its first children and running the rest whole (:mod:`.chain`; cuts after
+the first and last child of each resolution). For each, it tries every combination of
+per-dimension tile counts (all up to 8, then about 30% apart, while the halo stays below
+three times the image), every power-of-two batch of equal shapes (where a call's fixed
+cost is at least 1% of its work), and for each the most kept graphs that fit; of the
+plans within 2% of the fastest it keeps the one with the fewest trunk calls (the model is
+least sure of small ones), then the whole trunk over a cut, then the fastest. Halo,
+recomputation and per-call overhead pull in different directions: larger tiles have
+less halo and fewer calls, smaller tiles let more of the image keep its graph and, on a
+CPU, run in cache.
 """
 
 from __future__ import annotations
@@ -207,10 +211,35 @@ def plan_for_budget(
     spatial = tuple(int(s) for s in input_shape[2:])
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
     dtype = activation_dtype or (param.dtype if param is not None else torch.float32)
-    speed = speed or device_speed(device, dtype)
-    chain = chain_of(module) if tile_size is None else []
-    profile = _profile(module, geometry, input_shape, input_dtype, dtype, [m for _, m in chain])
-    flags = _Flags(grad, input_grad, input_dtype, dtype, int(input_shape[0]), spatial, speed)
+    flags = _Flags(grad, input_grad, input_dtype, dtype, int(input_shape[0]), spatial, speed or device_speed(device, dtype))
+    options = _options(module, geometry, input_shape, flags, budget, explicit_tile=tile_size is not None)
+    fixed = tuple(tile_size) if tile_size is not None else (None,) * len(spatial)
+    best, least = _search(options, flags, budget, fixed, keep_graphs, tile_batch)
+    if best is not None and best[0].batch > 1:
+        mixing = batch_mixing(module, geometry, int(input_shape[1]))
+        if mixing is not None:
+            if tile_batch is not None and tile_batch > 1:
+                raise ValueError(f"tile_batch={tile_batch} runs tiles as one batch, which is not exact here: {mixing}")
+            log.info("not batching tiles: %s", mixing)
+            best, least = _search(options, flags, budget, fixed, keep_graphs, 1)
+    if best is None:
+        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in options[0].costs.fixed.items())
+        raise TileTooSmallError(
+            f"memory_budget {format_bytes(budget)} is too small for an input of shape {tuple(input_shape)}: the plan "
+            f"that needs the least memory needs about {format_bytes(least)} ({parts}, and one tile's working set). "
+            "Raise the budget, lower the batch size, or give an explicit tile_size",
+            tuple(_DimensionPlanner(geometry, d, n).minimum_tile() for d, n in enumerate(spatial)),
+        )
+    return _finish(best[1], options[0].costs, best[0], budget, keep_graphs, flags)
+
+
+def _options(
+    module: nn.Module, geometry: TrunkGeometry, input_shape: Sequence[int], flags: "_Flags", budget: int,
+    explicit_tile: bool,
+) -> list[_Option]:  # fmt: skip
+    """The whole trunk streamed, then each cut of a ``Sequential`` trunk whose fixed costs fit."""
+    chain = chain_of(module) if not explicit_tile else []
+    profile = _profile(module, geometry, input_shape, flags.input_dtype, flags.dtype, [m for _, m in chain])
     options = [_Option(None, "", geometry, _costs(profile, list(module.parameters()), geometry, flags))]
     for cut in _cuts(profile, chain, geometry):
         name, prefix = chain[cut.index][0], prefix_geometry(geometry, chain[cut.index][0])
@@ -221,68 +250,54 @@ def plan_for_budget(
         costs = _costs(profile.prefix(cut), streamed_params, prefix, flags, profile.suffix(cut), rest_params)
         if sum(costs.fixed.values()) < budget:
             options.append(_Option(cut.index + 1, name, prefix, costs))
-    fixed_tiles = tuple(tile_size) if tile_size is not None else (None,) * len(spatial)
+    return options
 
-    whole = [Group(float(flags.batch * math.prod(spatial)), 1, 1)]
+
+def _search(
+    options: list[_Option], flags: "_Flags", budget: int, fixed_tiles: tuple, keep_graphs: int | None,
+    tile_batch: int | None,
+) -> tuple[tuple[_Choice, _Option] | None, float]:  # fmt: skip
+    """The chosen candidate (and its option), and the least memory any candidate needs."""
+    pixels = flags.batch * math.prod(flags.spatial)
+    keep = keep_graphs if flags.grad else None
     # No plan of an option beats its streamed part as one tile with its graph kept: try the
-    # options in that order and stop where that bound passes the fastest plan found.
-    bounds = [evaluate(o.costs, whole, math.inf, 1 if grad else None) for o in options]
-    ordered = [o for _, o in sorted(zip([b[3] if b else math.inf for b in bounds], options), key=lambda bo: bo[0])]
-    bound_of = {id(o): (b[3] if b else math.inf) for o, b in zip(options, bounds)}
-    overhead = {id(o): o.costs.forward(0.0) + o.costs.backward(0.0) for o in options}  # a call's fixed cost
-
-    def search(batches_allowed: bool) -> tuple[tuple[_Choice, _Option] | None, float]:
-        found: list[tuple[_Choice, _Option]] = []
-        least = math.inf
-        for option in ordered:
-            if found and bound_of[id(option)] > min(c.seconds for c, _ in found) * (1 + _TOLERANCE):
-                break
-            planners = [_DimensionPlanner(option.geometry, d, n) for d, n in enumerate(spatial)]
-            per_dim = [_dimension_candidates(p, t) for p, t in zip(planners, fixed_tiles)]
-            if any(not c for c in per_dim):
-                plan_tiles(option.geometry, spatial, tuple(t or 1 for t in fixed_tiles))  # raises TileTooSmallError
-            fixed = sum(option.costs.fixed.values())
-            for combination in _combinations(per_dim):
-                if math.prod(len(sizes) for _, sizes in combination) > _MAX_TILES:
-                    continue
-                shapes = _shapes([sizes for _, sizes in combination], flags.batch)
-                allowed = tile_batch if tile_batch is not None else (None if batches_allowed else 1)
-                largest = max(pixels for pixels, _ in shapes)
-                if allowed is None and overhead[id(option)] < _BATCH_PAYS * option.costs.forward(largest):
-                    allowed = 1  # a call's fixed cost is negligible next to its work: batching cannot pay
-                for b in _batches(shapes, allowed, flags.batch * math.prod(spatial)):
-                    groups = _groups(shapes, b)
-                    least = min(least, fixed + option.costs.working(groups[0].pixels))
-                    result = evaluate(option.costs, groups, budget, keep_graphs if grad else None)
-                    if result is not None:
-                        limits = tuple(limit for limit, _ in combination)
-                        choice = _Choice(result[3], result[1], limits, b, sum(g.count for g in groups))
-                        found.append((choice, option))
-        if not found:
-            return None, least
-        # Within a few percent of the fastest: fewer, larger calls (the model is least sure of small
-        # ones), then the whole trunk streamed rather than split.
-        fastest = min(c.seconds for c, _ in found)
-        near = [(c, o) for c, o in found if c.seconds <= fastest * (1 + _TOLERANCE)]
-        return min(near, key=lambda co: (co[0].calls, co[1].streamed is not None, co[0].seconds, co[0].memory)), least
-
-    best, least = search(batches_allowed=True)
-    if best is not None and best[0].batch > 1:
-        mixing = batch_mixing(module, geometry, int(input_shape[1]))
-        if mixing is not None:
-            if tile_batch is not None and tile_batch > 1:
-                raise ValueError(f"tile_batch={tile_batch} runs tiles as one batch, which is not exact here: {mixing}")
-            log.info("not batching tiles: %s", mixing)
-            best, least = search(batches_allowed=False)
-    if best is None:
-        parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in options[0].costs.fixed.items())
-        raise TileTooSmallError(
-            f"memory_budget {format_bytes(budget)} is too small for an input of shape {tuple(input_shape)}: the plan "
-            f"that needs the least memory needs about {format_bytes(least)} ({parts}, and one tile's working set). "
-            "Raise the budget, lower the batch size, or give an explicit tile_size",
-            tuple(_DimensionPlanner(geometry, d, n).minimum_tile() for d, n in enumerate(spatial)),
-        )
-    return _finish(best[1], options[0].costs, best[0], budget, keep_graphs, flags)
+    # options in that order, and stop where that bound passes the fastest plan found.
+    bounds = {}
+    for option in options:
+        whole = evaluate(option.costs, [Group(float(pixels), 1, 1)], math.inf, 1 if flags.grad else None)
+        bounds[id(option)] = whole[3] if whole else math.inf
+    found: list[tuple[_Choice, _Option]] = []
+    least = math.inf
+    for option in sorted(options, key=lambda o: bounds[id(o)]):
+        if found and bounds[id(option)] > min(c.seconds for c, _ in found) * (1 + _TOLERANCE):
+            break
+        planners = [_DimensionPlanner(option.geometry, d, n) for d, n in enumerate(flags.spatial)]
+        per_dim = [_dimension_candidates(p, t) for p, t in zip(planners, fixed_tiles)]
+        if any(not c for c in per_dim):
+            plan_tiles(option.geometry, flags.spatial, tuple(t or 1 for t in fixed_tiles))  # raises TileTooSmallError
+        fixed = sum(option.costs.fixed.values())
+        per_call = option.costs.forward(0.0) + option.costs.backward(0.0)  # a call's fixed cost
+        for combination in _combinations(per_dim):
+            if math.prod(len(sizes) for _, sizes in combination) > _MAX_TILES:
+                continue
+            shapes = _shapes([sizes for _, sizes in combination], flags.batch)
+            allowed = tile_batch
+            if allowed is None and per_call < _BATCH_PAYS * option.costs.forward(max(p for p, _ in shapes)):
+                allowed = 1  # a call's fixed cost is negligible next to its work: batching cannot pay
+            for b in _batches(shapes, allowed, pixels):
+                groups = _groups(shapes, b)
+                least = min(least, fixed + option.costs.working(groups[0].pixels))
+                result = evaluate(option.costs, groups, budget, keep)
+                if result is not None:
+                    limits = tuple(limit for limit, _ in combination)
+                    found.append((_Choice(result[3], result[1], limits, b, sum(g.count for g in groups)), option))
+    if not found:
+        return None, least
+    # Within a few percent of the fastest: fewer, larger calls (the model is least sure of small
+    # ones), then the whole trunk streamed rather than cut.
+    fastest = min(c.seconds for c, _ in found)
+    near = [(c, o) for c, o in found if c.seconds <= fastest * (1 + _TOLERANCE)]
+    return min(near, key=lambda co: (co[0].calls, co[1].streamed is not None, co[0].seconds, co[0].memory)), least
 
 
 @dataclass(frozen=True)
