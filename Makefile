@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo demo-stream segmentation test bench bench-slide bench-vs-lightstream equivalence resolution slide-level clean
+.PHONY: venv demo demo-stream segmentation test bench bench-budget bench-slide bench-vs-lightstream equivalence resolution slide-level clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/memory_speed.py
+
+# Conventional against streamed within half the conventional peak (about two hours on 2 cores).
+bench-budget: venv
+	$(PY) benchmarks/budget_speed.py
 
 # lightstream 1.0.7 in its own venv under results/peers (never one of our dependencies).
 bench-vs-lightstream: venv

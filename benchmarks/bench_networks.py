@@ -61,26 +61,58 @@ class ResNetBasicBlock(nn.Module):
         return self.relu(out)
 
 
-class ResNet18(nn.Module):
-    """ResNet-18 with torchvision's layout and module names (``conv1`` 7x7/2, ``bn1``,
-    ``relu``, ``maxpool`` 3x3/2, ``layer1`` .. ``layer4`` of two BasicBlocks each,
-    ``avgpool``, ``fc``), written here because torchvision is not installed beside our
-    pinned CPU torch. No pretrained weights. With ``num_classes=1000`` it has torchvision's
-    11,689,512 parameters."""
+class ResNetBottleneck(nn.Module):
+    """torchvision's ``Bottleneck`` (ResNet v1.5: the stride on the 3x3 convolution): 1x1,
+    3x3 and 1x1 convolutions (no bias) with BatchNorm, four times as many output channels
+    as ``planes``, ReLU in place, the identity (or a strided 1x1 convolution + BatchNorm)
+    added before the last ReLU."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        width = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != width:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A ResNet with torchvision's layout and module names (``conv1`` 7x7/2, ``bn1``,
+    ``relu``, ``maxpool`` 3x3/2, ``layer1`` .. ``layer4`` of ``blocks`` blocks each,
+    ``avgpool``, ``fc``), written here because torchvision is not installed beside our
+    pinned CPU torch. No pretrained weights."""
+
+    def __init__(self, block: type, blocks: tuple[int, ...], num_classes: int = 1000, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        widths, planes = (64, 128, 256, 512), 64
-        for index, width in enumerate(widths, start=1):
+        expansion = getattr(block, "expansion", 1)
+        planes = 64
+        for index, (width, count) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
             stride = 1 if index == 1 else 2
-            setattr(self, f"layer{index}", nn.Sequential(ResNetBasicBlock(planes, width, stride), ResNetBasicBlock(width, width)))
-            planes = width
+            layer = [block(planes, width, stride)] + [block(width * expansion, width) for _ in range(count - 1)]
+            setattr(self, f"layer{index}", nn.Sequential(*layer))
+            planes = width * expansion
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(planes, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -88,8 +120,24 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18_trunk(in_channels: int = 3) -> nn.Sequential:
-    """The streamed part of ResNet-18: everything before global pooling (conv1, bn1, relu,
+class ResNet18(ResNet):
+    """ResNet-18: two BasicBlocks per stage; with ``num_classes=1000`` torchvision's
+    11,689,512 parameters."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__(ResNetBasicBlock, (2, 2, 2, 2), num_classes, in_channels)
+
+
+class ResNet50(ResNet):
+    """ResNet-50: 3, 4, 6 and 3 Bottlenecks per stage; with ``num_classes=1000``
+    torchvision's 25,557,032 parameters."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__(ResNetBottleneck, (3, 4, 6, 3), num_classes, in_channels)
+
+
+def resnet_body(net: ResNet) -> nn.Sequential:
+    """The streamed part of a ResNet: everything before global pooling (conv1, bn1, relu,
     maxpool, layer1 .. layer4; total stride 32), as lightstream's ``split_resnet`` cuts it.
 
     BatchNorm is local only in eval mode, so the trunk is returned in eval mode with frozen
@@ -97,13 +145,22 @@ def resnet18_trunk(in_channels: int = 3) -> nn.Sequential:
     with seeded, non-trivial running statistics and affine parameters (a fresh BatchNorm
     would be an identity and hide errors in how a library handles it). The seed is the
     caller's: ``build`` seeds before constructing."""
-    net = ResNet18(in_channels=in_channels)
     trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
     randomise_batch_norm(trunk, shift=0.1)
     for module in trunk.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.requires_grad_(False)
     return trunk.eval()
+
+
+def resnet18_trunk(in_channels: int = 3) -> nn.Sequential:
+    """The ResNet-18 body (see :func:`resnet_body`)."""
+    return resnet_body(ResNet18(in_channels=in_channels))
+
+
+def resnet50_trunk(in_channels: int = 3) -> nn.Sequential:
+    """The ResNet-50 body (see :func:`resnet_body`)."""
+    return resnet_body(ResNet50(in_channels=in_channels))
 
 
 def randomise_batch_norm(network: nn.Module, shift: float) -> None:
@@ -118,8 +175,13 @@ def randomise_batch_norm(network: nn.Module, shift: float) -> None:
                 module.bias.uniform_(-shift, shift)
 
 
-NETWORKS: dict[str, Callable[[], nn.Sequential]] = {"table1": table1_network, "vgg": vgg_trunk, "resnet18": resnet18_trunk}
-NETWORK_LABELS = {"table1": "Table I", "vgg": "VGG-like (Table III, 4 blocks)", "resnet18": "ResNet-18 trunk (conv1..layer4)"}
+NETWORKS: dict[str, Callable[[], nn.Sequential]] = {
+    "table1": table1_network, "vgg": vgg_trunk, "resnet18": resnet18_trunk, "resnet50": resnet50_trunk,
+}  # fmt: skip
+NETWORK_LABELS = {
+    "table1": "Table I", "vgg": "VGG-like (Table III, 4 blocks)", "resnet18": "ResNet-18 trunk (conv1..layer4)",
+    "resnet50": "ResNet-50 trunk (conv1..layer4)",
+}  # fmt: skip
 
 
 class Head(nn.Module):

@@ -55,9 +55,10 @@ def ok_results(results: Iterable[Result]) -> list[Result]:
 
 
 def aggregate(results: list[Result], roles: Iterable[str] = ("main",)) -> dict[Key, Row]:
-    """Rows keyed by configuration, from the runs of ``roles``. Each streamed run is paired
-    with the conventional run of the same group and repeat (they ran next to each other),
-    and the ratios of the pairs are kept, so noise common to a pair cancels."""
+    """Rows keyed by configuration, from the runs of ``roles``. Each streamed run (any mode
+    but conventional) is paired with the conventional run of the same group and repeat
+    (they ran next to each other), and the ratios of the pairs are kept, so noise common to
+    a pair cancels."""
     results = [r for r in ok_results(results) if r["role"] in set(roles)]
     rows: dict[Key, Row] = {}
     for result in results:
@@ -69,7 +70,7 @@ def aggregate(results: list[Result], roles: Iterable[str] = ("main",)) -> dict[K
     }
     for result in results:
         partner = conventional.get((result["group"], result["repeat"], result["network"], result["height"]))
-        if result["mode"] != "streamed" or partner is None:
+        if result["mode"] == "conventional" or partner is None:
             continue
         row = rows[key_of(result)]
         row.time_ratios.append(result["step_s"] / partner["step_s"])

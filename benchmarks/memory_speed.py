@@ -36,7 +36,6 @@ progress to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -49,6 +48,7 @@ import bench_report as report
 from bench_child import RESULT_PREFIX, RunSpec, child_main
 from bench_networks import NETWORKS, build, conventional_step_bytes
 from child_process import run_measurement
+from driver import run_driver
 
 import lightning_streaming as ls
 
@@ -301,24 +301,17 @@ def write_outputs(results: list[dict[str, Any]], skipped: list[dict[str, Any]], 
     print(markdown)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child is not None:
-        return child_main(args.child)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    raw = args.out_dir / "memory_speed.json"
-    if args.replot:
-        saved = json.loads(raw.read_text())
-        args = parse_args([*saved["args"], "--out-dir", str(args.out_dir)])
-        write_outputs(saved["results"], saved["skipped"], args)
-        return 0
+def measure_all(args: argparse.Namespace) -> dict[str, Any]:
     groups, skipped = plan_groups(args)
     log.info("%d groups, %d runs", len(groups), sum(len(g.specs) * g.repeats for g in groups))
-    results = run_groups(groups, args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps({"args": args.argv, "results": results, "skipped": skipped}, indent=1))
-    write_outputs(results, skipped, args)
-    return 0
+    return {"results": run_groups(groups, args), "skipped": skipped}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_driver(
+        argv, parse_args, "memory_speed", child_main, measure_all,
+        lambda saved, args: write_outputs(saved["results"], saved["skipped"], args),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--tile", default="512", help="tile side in pixels, or 'auto' (default 512)")
-    parser.add_argument("--memory-budget", default="256MiB", help="per-tile memory budget for --tile auto")
+    parser.add_argument(
+        "--memory-budget", default="256MiB", help="memory the streamed trunk may add to a step, for --tile auto"
+    )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches")
@@ -121,7 +123,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = logging.getLogger("lightning_streaming")  # reports the tile size 'auto' chooses
+    log = logging.getLogger("lightning_streaming")  # reports the plan 'auto' makes
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler())
     tile: int | str = args.tile if args.tile == "auto" else int(args.tile)
@@ -163,9 +165,12 @@ def main() -> None:
 
     if trainer.is_global_zero:
         shape = (args.batch_size, 3, args.size, args.size)
-        if tile == "auto":  # the same solution the strategy found
+        if tile == "auto":  # the plan the strategy made
             half = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0])
-            tile = ls.auto_tile_size(model.trunk, shape, args.memory_budget, input_dtype=torch.uint8, activation_dtype=half)
+            tile = ls.stream_plan(
+                model.trunk, shape, memory_budget=args.memory_budget, input_dtype=torch.uint8, activation_dtype=half,
+                device=trainer.strategy.root_device,
+            ).tile_size
         plan = ls.tile_plan(model.trunk, shape, tile)
         tiles = f"{len(plan)} tiles of at most {tile} px (grid {plan.grid}, largest input region {plan.largest_region} px)"
         print(

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         Segment,
         StreamingError,
         StreamingMismatchError,
+        StreamPlan,
         TilePlan,
         TileTooSmallError,
         VerificationReport,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
         pixelwise,
         register_module_rule,
         stream,
+        stream_plan,
         tile_plan,
         trunk_layers,
         verify,
@@ -89,8 +91,9 @@ __version__ = "0.1.0"
 
 _CORE = (
     "ChannelMoments", "channel_moments", "trunk_layers", "NotLocalError", "OpCall", "OpGeometry", "Refusal",
-    "RegionSource", "Segment", "StreamingError", "StreamingMismatchError", "TileTooSmallError", "TilePlan",
-    "VerificationReport", "Window", "pixelwise", "register_module_rule", "stream", "tile_plan", "verify",
+    "RegionSource", "Segment", "StreamingError", "StreamingMismatchError", "StreamPlan", "TileTooSmallError",
+    "TilePlan", "VerificationReport", "Window", "pixelwise", "register_module_rule", "stream", "stream_plan",
+    "tile_plan", "verify",
 )  # fmt: skip
 _LIGHTNING = (
     "StreamingDDPStrategy", "StreamingLSUV", "StreamingMixin", "StreamingSettings", "StreamingStrategy",

@@ -277,7 +277,8 @@ def test_double_backward_is_refused_clearly():
         torch.autograd.grad(out.sum(), x, create_graph=True)
 
 
-def test_transform_normalises_uint8_tiles_like_the_full_image():
+@pytest.mark.parametrize("tile_batch", [1, 4])
+def test_transform_normalises_uint8_tiles_like_the_full_image(tile_batch):
     trunk = table1_network().double()
     image = torch.randint(0, 256, (2, 3, 45, 37), dtype=torch.uint8)
     mean = torch.tensor([180.0, 130.0, 170.0], dtype=torch.float64).view(1, 3, 1, 1)
@@ -285,7 +286,7 @@ def test_transform_normalises_uint8_tiles_like_the_full_image():
     def normalise(tile):
         return (tile.double() - mean) / 50.0
 
-    out = ls.stream(trunk, image, 20, transform=normalise)
+    out = ls.stream(trunk, image, 20, transform=normalise, tile_batch=tile_batch)
     out.square().sum().backward()
     streamed = [p.grad.clone() for p in trunk.parameters()]
     trunk.zero_grad()
@@ -337,7 +338,8 @@ class MemmapSource(ls.RegionSource):
         return torch.from_numpy(np.ascontiguousarray(self.array[(slice(None), slice(None), *region)]))
 
 
-def test_lazy_region_source_is_read_box_by_box_and_matches(tmp_path):
+@pytest.mark.parametrize("tile_batch", [1, 4])
+def test_lazy_region_source_is_read_box_by_box_and_matches(tmp_path, tile_batch):
     image = np.random.default_rng(0).integers(0, 256, (2, 3, 61, 47), dtype=np.uint8)
     np.save(tmp_path / "image.npy", image)
     source = MemmapSource(tmp_path / "image.npy", image.shape)
@@ -346,11 +348,13 @@ def test_lazy_region_source_is_read_box_by_box_and_matches(tmp_path):
     def normalise(tile):
         return tile.double() / 255 - 0.5
 
-    out = ls.stream(trunk, source, 48, transform=normalise)
+    out = ls.stream(trunk, source, 48, transform=normalise, tile_batch=tile_batch)
     out.sum().backward()
     streamed = [p.grad.clone() for p in trunk.parameters()]
-    tiles = len(ls.tile_plan(trunk, image.shape, 48))
-    assert tiles > 2 and len(source.reads) == 2 * tiles - 1  # forward, then recompute all but the kept tile
+    plan = ls.stream_plan(trunk, image.shape, 48, tile_batch=tile_batch)
+    tiles, kept = len(plan.tiles), plan.keep_graphs  # with batching, the last call's tiles are kept
+    assert plan.tile_batch == tile_batch and kept == len(plan.runs[-1])
+    assert tiles > 2 and len(source.reads) == 2 * tiles - kept  # forward, then recompute all but the kept tiles
     assert all((b - a) <= 48 for box in source.reads for a, b in box)
     trunk.zero_grad()
     expected = trunk(normalise(torch.from_numpy(image)))

@@ -220,10 +220,19 @@ def test_tile_too_small_states_the_minimum_and_the_minimum_works():
         ls.stream(trunk, X, (6, 40))
 
 
-@pytest.mark.parametrize("tile", [0, -3, (16,), (16, 16, 16), 2.5, "auto"])
+@pytest.mark.parametrize("tile", [0, -3, (16,), (16, 16, 16), 2.5, "big"])
 def test_bad_tile_sizes(tile):
     with pytest.raises(ValueError, match="tile_size must be"):
         ls.stream(table1_network(), X, tile)
+
+
+def test_auto_tile_size_and_tile_batch_need_valid_settings():
+    with pytest.raises(ValueError, match="tile_size='auto' needs memory_budget"):
+        ls.stream(table1_network(), X)
+    with pytest.raises(ValueError, match="tile_batch must be a positive int"):
+        ls.stream(table1_network(), X, 16, tile_batch=0)
+    with pytest.raises(ValueError, match="memory_budget .* is not a size"):
+        ls.stream(table1_network(), X, memory_budget="lots")
 
 
 def test_mismatched_dtype_device_and_shapes():

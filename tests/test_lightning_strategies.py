@@ -25,9 +25,9 @@ def stream_calls(monkeypatch) -> list[dict]:
     original = settings_module.stream
 
     def spy(module, input, tile_size, **kwargs):
-        calls.append(
-            dict(tile_size=tile_size, grad=torch.is_grad_enabled(), plan=len(ls.tile_plan(module, input.shape, tile_size)), **kwargs)
-        )
+        budget = kwargs.get("memory_budget")
+        plan = ls.stream_plan(module, input.shape, tile_size, memory_budget=budget, input_dtype=input.dtype)
+        calls.append(dict(tile_size=tile_size, grad=torch.is_grad_enabled(), plan=len(plan.tiles), **kwargs))
         return original(module, input, tile_size, **kwargs)
 
     monkeypatch.setattr(settings_module, "stream", spy)
@@ -75,7 +75,6 @@ def test_single_device_strategy_refuses_several_devices():
         (dict(tile_size=0), "tile_size must be a positive int"),
         (dict(tile_size="big"), "tile_size must be a positive int"),
         (dict(tile_size="auto"), "needs memory_budget"),
-        (dict(tile_size=64, memory_budget="1GiB"), "only used with tile_size='auto'"),
         (dict(tile_size="auto", memory_budget="lots"), "is not a size"),
         (dict(keep_graphs=-1), "keep_graphs must be None .* or a non-negative int"),
     ],
@@ -265,13 +264,29 @@ def test_input_on_host_training_is_exact(stream_calls):
     assert_same_parameters(streamed, fit("auto", batches=2))
 
 
-def test_auto_tile_size_from_memory_budget(stream_calls):
+def test_memory_budget_plans_the_tiles_and_training_stays_exact(stream_calls):
     shape = (2, 3, 256, 192)
-    budget = 2 * 2**20
-    fit(ls.StreamingStrategy(tile_size="auto", memory_budget=budget), batches=1, shape=shape[2:])
+    budget = 6 * 2**20
+    streamed = fit(ls.StreamingStrategy(tile_size="auto", memory_budget=budget), batches=2, shape=shape[2:])
+    first = stream_calls[0]
+    assert first["tile_size"] == "auto" and first["memory_budget"] == budget
+    trunk = TinyClassifier().trunk.double()
+    plan = ls.stream_plan(trunk, shape, memory_budget=budget, input_dtype=torch.float64)
+    assert len(plan.tiles) == first["plan"] > 1 and plan.predicted_bytes <= budget
+    settings = ls.StreamingStrategy(tile_size="auto", memory_budget=budget).streaming
+    x = torch.zeros(shape, dtype=torch.float64)
+    assert settings.plan(trunk, x, torch.device("cpu")) == plan  # what the strategy shows is what it ran
+    assert settings.resolve_tile_size(trunk, x, torch.device("cpu")) == plan.tile_size  # e.g. for LSUV
+    assert_same_parameters(streamed, fit("auto", batches=2, shape=shape[2:]))
+
+
+def test_memory_budget_with_an_explicit_tile_size_chooses_only_the_rest(stream_calls):
+    strategy = ls.StreamingStrategy(tile_size=64, memory_budget="1GiB")
+    assert not strategy.streaming.planned
+    assert ls.StreamingStrategy(memory_budget="1GiB").streaming.planned  # no tile size: the planner's
+    fit(strategy, batches=1)
     (call,) = stream_calls
-    expected = ls.auto_tile_size(TinyClassifier().trunk.double(), shape, budget, input_dtype=torch.float64)
-    assert call["tile_size"] == expected and call["plan"] > 1
+    assert call["tile_size"] == 64 and call["memory_budget"] == 2**30
 
 
 def test_lightning_cli_selects_the_strategies(monkeypatch):

@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import StreamingMismatchError
 from .plan import TilePlan
-from .stream import stream, tile_plan
+from .stream import stream, stream_plan
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
@@ -104,8 +104,10 @@ def verify(
             return 0.0 if (a is None or not a.any()) and (e is None or not e.any()) else float("inf")
         return relative_error(a, e)
 
+    planning = {k: v for k, v in stream_kwargs.items() if k in ("keep_graphs", "memory_budget", "tile_batch")}
+    plan = stream_plan(trunk, x.shape, tile_size, input_grad=True, input_dtype=dtype, device=device, **planning)
     report = VerificationReport(
-        plan=tile_plan(trunk, x.shape, tile_size),
+        plan=plan.tiles,
         tolerance=tolerance if tolerance is not None else (1e-9 if dtype == torch.float64 else 1e-3),
         output=max(
             error(a, e) if a.shape == e.shape else float("inf") for a, e in zip(actual, expected)

@@ -1,106 +1,19 @@
-"""Choose the largest tile whose working set fits a memory budget, without running the trunk."""
+"""The largest tile whose working set fits a per-tile memory budget, without running the trunk.
+
+The strategies' ``tile_size="auto"`` uses the core's budget planner instead (the whole
+step's memory: :func:`~lightning_streaming.stream_plan`); this is the simpler per-tile rule.
+"""
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch import nn
 
-from ..core import TileTooSmallError, tile_plan
+from ..core import TileTooSmallError, estimate_tile_memory, parse_bytes, tile_plan
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-
-
-def parse_bytes(budget: int | str) -> int:
-    """``budget`` in bytes: an int, or a string such as ``"512MiB"``, ``"2GB"``, ``"1.5GiB"``."""
-    if isinstance(budget, bool):
-        raise TypeError(f"memory_budget must be a number of bytes or a string like '4GiB', got {budget!r}")
-    if isinstance(budget, int):
-        value = budget
-    elif isinstance(budget, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"memory_budget {budget!r} is not a size; write bytes as an int or a string such as '512MiB', "
-                "'2GB' or '1.5GiB' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-            )
-        value = int(float(match.group(1)) * _UNITS[unit])
-    else:
-        raise TypeError(f"memory_budget must be a number of bytes or a string like '4GiB', got {budget!r}")
-    if value <= 0:
-        raise ValueError(f"memory_budget must be positive, got {budget!r}")
-    return value
-
-
-class _Tally(TorchDispatchMode):
-    """Records every newly allocated tensor of a (meta-device) run: (numel, dtype)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.allocations: list[tuple[int, torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        # Views and in-place operations allocate nothing new.
-        if not func.is_view and not name.endswith("_"):
-            self.allocations += [(t.numel(), t.dtype) for t in tree_leaves(out) if isinstance(t, Tensor)]
-        return out
-
-
-def estimate_tile_memory(
-    module: nn.Module,
-    region_shape: Sequence[int],
-    *,
-    input_dtype: torch.dtype = torch.float32,
-    activation_dtype: torch.dtype | None = None,
-    input_grad: bool = False,
-) -> int:
-    """Estimated peak bytes of one tile's recompute-and-backward, for a trunk input region
-    of ``region_shape`` ``(N, C, *spatial)``.
-
-    The trunk runs once on the ``meta`` device (shapes only: no memory, no arithmetic) and
-    every tensor it allocates is counted, since autograd may save any of them for the
-    backward. Floating-point activations are counted at ``activation_dtype`` (the autocast
-    dtype under mixed precision, else the parameters' dtype). To that come the input region
-    (twice with ``input_grad``) and twice the largest activation, for the gradients in
-    flight during the tile's backward.
-
-    What it leaves out: allocator fragmentation and caching, convolution workspaces
-    (cuDNN), and everything that does not grow with the tile (parameters, their gradients
-    and optimizer state, the trunk's full output and its gradient, the head). It is an
-    estimate to choose a tile size with, not a guarantee: leave headroom.
-    """
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if activation_dtype is None:
-        activation_dtype = param.dtype if param is not None else input_dtype
-    # Shapes flow through meta stand-ins of the parameters and buffers: the trunk itself is untouched.
-    stand_ins = {name: torch.empty_like(t, device="meta") for name, t in module.named_parameters()}
-    stand_ins.update({name: torch.empty_like(t, device="meta") for name, t in module.named_buffers()})
-    meta_dtype = param.dtype if param is not None else input_dtype
-    region = torch.empty(tuple(region_shape), dtype=meta_dtype, device="meta")
-    tally = _Tally()
-    try:
-        with torch.no_grad(), tally:
-            torch.func.functional_call(module, stand_ins, (region,))
-    except Exception as error:  # any operation without a meta kernel
-        raise RuntimeError(
-            f"could not estimate the memory of {type(module).__name__} on a tile of shape {tuple(region_shape)} "
-            f"({type(error).__name__}: {error}); pass an explicit tile_size instead of 'auto'"
-        ) from error
-    activation_size = torch.empty((), dtype=activation_dtype).element_size()
-    sizes = [
-        numel * (activation_size if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size())
-        for numel, dtype in tally.allocations
-    ]
-    region_bytes = region.numel() * torch.empty((), dtype=input_dtype).element_size()
-    return sum(sizes) + 2 * max(sizes, default=0) + region_bytes * (2 if input_grad else 1)
+__all__ = ["auto_tile_size", "estimate_tile_memory", "parse_bytes"]
 
 
 def auto_tile_size(

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
 from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
-from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
-from ..core import stream
-from .auto_tile import auto_tile_size, parse_bytes
-
-log = logging.getLogger(__name__)
+from ..core import StreamPlan, TileTooSmallError, parse_bytes, stream, stream_plan, tile_plan
 
 TileSize = Union[int, Sequence[int]]
 DEFAULT_TILE_SIZE = 1024
-_MAX_AUTO_CACHE = 64
 
 
 def _check_tile_size(tile_size: Any, argument: str) -> None:
@@ -64,16 +57,13 @@ class StreamingSettings:
             )
         if tile_size == "auto" and memory_budget is None:
             raise ValueError(
-                "tile_size='auto' needs memory_budget: the bytes one tile's working set may use, e.g. "
+                "tile_size='auto' needs memory_budget: the memory the streamed trunk may add to a step, e.g. "
                 "memory_budget='4GiB'. Or give tile_size as an int"
             )
-        if memory_budget is not None and tile_size != "auto":
-            raise ValueError(f"memory_budget is only used with tile_size='auto', but tile_size={tile_size!r}")
         self.tile_size = tuple(tile_size) if isinstance(tile_size, list) else tile_size
         self.keep_graphs = keep_graphs
         self.memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
         self.input_on_host = bool(input_on_host)
-        self._auto: OrderedDict[tuple, int] = OrderedDict()
 
     def __repr__(self) -> str:
         budget = f", memory_budget={self.memory_budget}" if self.memory_budget is not None else ""
@@ -82,44 +72,54 @@ class StreamingSettings:
             f"input_on_host={self.input_on_host})"
         )
 
-    def __getstate__(self) -> dict:
-        # The 'auto' cache is keyed by id(trunk), which means nothing in another process.
-        return {**self.__dict__, "_auto": OrderedDict()}
+    @property
+    def planned(self) -> bool:
+        """Whether the budget planner chooses the tile size (``"auto"``, or a budget without one)."""
+        return self.memory_budget is not None and self.tile_size in (None, "auto")
+
+    def plan(self, trunk: nn.Module, x: Tensor, device: torch.device, default: TileSize | None = None) -> StreamPlan:
+        """The :class:`~lightning_streaming.StreamPlan` that :meth:`stream` follows for ``x``
+        now (grad mode and autocast as they are): tile size, kept graphs, tile batching
+        and, with a memory budget, the predicted memory and time."""
+        requires_grad = bool(getattr(x, "requires_grad", False))  # a RegionSource has no gradient
+        grad = torch.is_grad_enabled() and (requires_grad or any(p.requires_grad for p in trunk.parameters()))
+        autocast = torch.is_autocast_enabled(device.type)
+        return stream_plan(
+            trunk, tuple(x.shape), self._tile_size(default), **self._options(), grad=grad, input_grad=requires_grad,
+            input_dtype=x.dtype, activation_dtype=torch.get_autocast_dtype(device.type) if autocast else None,
+            device=device,
+        )  # fmt: skip
 
     def resolve_tile_size(
         self, trunk: nn.Module, x: Tensor, device: torch.device, default: TileSize | None = None
     ) -> TileSize:
         """The tile size for streaming ``trunk`` over ``x``: the strategy's, else the model's
-        ``default``, else :data:`DEFAULT_TILE_SIZE`; 'auto' is solved for ``x``'s shape."""
+        ``default``, else :data:`DEFAULT_TILE_SIZE`; with a memory budget and no explicit
+        size, the budget planner's choice for ``x``'s shape."""
+        if not self.planned:
+            return self._tile_size(default)  # type: ignore[return-value]
+        plan = self.plan(trunk, x, device)
+        if plan.split is None:
+            return plan.tile_size
+        try:  # the plan streams only the first children: its tile may not hold the whole trunk's receptive field
+            tile_plan(trunk, tuple(x.shape), plan.tile_size)
+            return plan.tile_size
+        except TileTooSmallError as error:
+            return error.minimum_tile
+
+    def _tile_size(self, default: TileSize | None) -> TileSize | str:
+        if self.planned:
+            return "auto"
         if self.tile_size is None:
             return default if default is not None else DEFAULT_TILE_SIZE
-        if self.tile_size != "auto":
-            return self.tile_size
-        autocast = torch.is_autocast_enabled(device.type)
-        activation_dtype = torch.get_autocast_dtype(device.type) if autocast else None
-        requires_grad = getattr(x, "requires_grad", False)  # a RegionSource has no gradient
-        key = (id(trunk), tuple(x.shape), x.dtype, activation_dtype, requires_grad)
-        if key not in self._auto:
-            if len(self._auto) >= _MAX_AUTO_CACHE:
-                self._auto.popitem(last=False)
-            assert self.memory_budget is not None
-            tile = auto_tile_size(
-                trunk,
-                x.shape,
-                self.memory_budget,
-                input_dtype=x.dtype,
-                activation_dtype=activation_dtype,
-                input_grad=requires_grad,
-            )
-            self._auto[key] = tile
-            if getattr(rank_zero_only, "rank", 0) == 0:  # set by Lightning once it knows the process's rank
-                log.info(
-                    "tile_size='auto': %d px tiles for input %s (memory budget %.1f MiB per tile)",
-                    tile,
-                    tuple(x.shape),
-                    self.memory_budget / 2**20,
-                )
-        return self._auto[key]
+        return self.tile_size
+
+    def _options(self) -> dict[str, Any]:
+        # None leaves keep_graphs to stream(): its default, or the planner's choice within a budget.
+        options: dict[str, Any] = {} if self.keep_graphs is None else {"keep_graphs": self.keep_graphs}
+        if self.memory_budget is not None:
+            options["memory_budget"] = self.memory_budget
+        return options
 
     def stream(
         self,
@@ -131,12 +131,10 @@ class StreamingSettings:
         default_tile_size: TileSize | None = None,
     ) -> Tensor:
         """``trunk(transform(x))`` computed tile by tile, tiles running on ``device``."""
-        tile_size = self.resolve_tile_size(trunk, x, device, default_tile_size)
         # Only a host-resident input needs tile_device: otherwise the core checks that input and trunk agree.
         tile_device = device if not isinstance(x, Tensor) or x.device != device else None
-        # None leaves keep_graphs to stream(), whose default the core chooses for its memory model.
-        options = {} if self.keep_graphs is None else {"keep_graphs": self.keep_graphs}
-        return stream(trunk, x, tile_size, tile_device=tile_device, transform=transform, **options)
+        tile_size = self._tile_size(default_tile_size)
+        return stream(trunk, x, tile_size, tile_device=tile_device, transform=transform, **self._options())
 
     def move_batch(self, batch: Any, move: Callable[[Tensor], Tensor]) -> Any:
         """``batch`` with ``move`` applied to its tensors, except, with ``input_on_host``,

@@ -53,15 +53,20 @@ class StreamingStrategy(_StreamingParts, LightningTyped, lightning_base="strateg
 
     Args:
         tile_size: largest input region per tile in pixels, halo included: an int, a tuple
-            with one int per spatial dimension, ``"auto"`` (the largest square tile whose
-            estimated working set fits ``memory_budget``, solved per input shape, see
-            :func:`~lightning_streaming.auto_tile_size`), or None: the model's
-            ``default_tile_size``, else 1024.
+            with one int per spatial dimension, ``"auto"`` (chosen within
+            ``memory_budget``), or None: the model's ``default_tile_size``, else 1024
+            (with a ``memory_budget``: ``"auto"``).
         keep_graphs: number of tiles whose graphs the forward keeps for the backward,
             saving their recomputation at the cost of their activations' memory; None
-            (default) uses :func:`~lightning_streaming.stream`'s default.
-        memory_budget: for ``tile_size="auto"``: bytes one tile's working set may use, an
-            int or a string such as ``"4GiB"``.
+            (default) uses :func:`~lightning_streaming.stream`'s default, or the
+            planner's choice within a ``memory_budget``.
+        memory_budget: the memory the streamed trunk may add to a step (its outputs and
+            their gradients, parameter gradients, kept graphs and one trunk call's
+            working set; see :func:`~lightning_streaming.stream`), an int or a string
+            such as ``"4GiB"``. The planner then chooses the tile size (unless given),
+            the kept graphs (unless given) and tile batching to minimise the step's
+            predicted time, once per input shape (:func:`~lightning_streaming.stream_plan`
+            shows its choice).
         input_on_host: keep image-shaped batch tensors (3 or more dimensions) where the
             DataLoader put them (host memory) and send the device one tile at a time;
             labels and other small tensors move as usual.
@@ -271,7 +276,7 @@ def _check_model(
         geometry_of(trunk, _spatial_dims(model, trunk))
         example = getattr(model, "example_input_array", None)
         example = example[0] if isinstance(example, (tuple, list)) and example else example
-        if isinstance(example, Tensor) and settings.tile_size != "auto":
+        if isinstance(example, Tensor) and not settings.planned:
             tile = settings.tile_size if settings.tile_size is not None else model.default_tile_size
             tile_plan(trunk, example.shape, tile if tile is not None else DEFAULT_TILE_SIZE)
     finally:
