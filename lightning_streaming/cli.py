@@ -18,7 +18,10 @@ __all__ = ["COMMANDS", "main"]
 
 #: name -> (module, description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("lightning_streaming.inference.command", "predict slides with a trained model; write predictions, heatmaps and overlays"),
+    "predict": (
+        "lightning_streaming.inference.command",
+        "predict slides with a trained model; write predictions, heatmaps and overlays",
+    ),
 }  # fmt: skip
 
 

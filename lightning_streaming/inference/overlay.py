@@ -176,7 +176,8 @@ def analysed_pixels(prediction: SlidePrediction, heatmap: Heatmap) -> np.ndarray
     mask = np.zeros(heatmap.values.shape, dtype=bool)
     (r0, r1), (c0, c1) = prediction.region
     sy, sx = heatmap.values.shape[0] / prediction.size[0], heatmap.values.shape[1] / prediction.size[1]
-    mask[int(r0 * sy) : max(int(r0 * sy) + 1, int(np.ceil(r1 * sy))), int(c0 * sx) : max(int(c0 * sx) + 1, int(np.ceil(c1 * sx)))] = True
+    top, left = int(r0 * sy), int(c0 * sx)
+    mask[top : max(top + 1, int(np.ceil(r1 * sy))), left : max(left + 1, int(np.ceil(c1 * sx)))] = True
     return mask
 
 

@@ -158,7 +158,8 @@ class StreamingMixin:
                 logits = model(slide_batch)          # never the whole slide through the trunk
         """
         device = torch.device(tile_device) if tile_device is not None else None
-        with trunk_override(self, TrunkOverride(enabled=enabled, tile_size=tile_size, tile_device=device)):  # type: ignore[arg-type]
+        override = TrunkOverride(enabled=enabled, tile_size=tile_size, tile_device=device)
+        with trunk_override(self, override):  # type: ignore[arg-type]
             yield
 
     def forward_trunk(self, x: Tensor) -> Tensor:
