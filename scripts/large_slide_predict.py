@@ -70,11 +70,12 @@ def main() -> int:
 
     before = peak_gib()
     timings: dict[str, float] = {}
-    marks = [time.perf_counter()]
+    marks = [time.perf_counter(), time.process_time()]
 
     def progress(fraction: float, bar=None) -> None:
         if "forward" not in timings and fraction >= 1 / 3 - 1e-9 and "saliency" in args.heatmaps:
             timings["forward"] = time.perf_counter() - marks[0]
+            timings["forward_cpu"] = time.process_time() - marks[1]
         if bar is not None:
             bar(fraction)
 
@@ -82,12 +83,12 @@ def main() -> int:
 
     with progress_bar("predicting", enabled=args.progress) as bar:
         start = time.perf_counter()
-        marks[0] = start
+        marks[:] = [start, time.process_time()]
         prediction = ls.predict_slide(
             model, slide, 0.5, heatmaps=tuple(args.heatmaps), memory_budget=args.memory_budget,
             progress=lambda f: progress(f, bar),
         )  # fmt: skip
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - marks[1]
     (r0, r1), (c0, c1) = prediction.region
     shape = (1, 3, r1 - r0, c1 - c0)
     forward_tile, saliency_tile = tile_sizes(model, shape, None, None, args.memory_budget, "saliency" in args.heatmaps)
@@ -97,9 +98,11 @@ def main() -> int:
           f"{forward_tile} px ({len(forward_plan)} tiles, {' x '.join(map(str, forward_plan.grid))})"
           + (f", saliency tiles of {saliency_tile} px ({len(ls.tile_plan(model.trunk, shape, saliency_tile))} tiles)"
              if saliency_tile else ""))  # fmt: skip
-    forward = timings.get("forward", elapsed)
-    print(f"prediction: {prediction.label} {prediction.probabilities}; forward {forward:.0f} s"
-          + (f", heatmaps {elapsed - forward:.0f} s" if args.heatmaps else "") + f", {elapsed:.0f} s in all")
+    forward, forward_cpu = timings.get("forward", elapsed), timings.get("forward_cpu", cpu)
+    print(f"prediction: {prediction.label} {prediction.probabilities}; wall time (CPU time of the process): forward "
+          f"{forward:.0f} s ({forward_cpu:.0f} s)"
+          + (f", heatmaps {elapsed - forward:.0f} s ({cpu - forward_cpu:.0f} s)" if args.heatmaps else "")
+          + f", {elapsed:.0f} s ({cpu:.0f} s) in all; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for kind, heatmap in prediction.heatmaps.items():
         values = heatmap.values
         print(f"  {kind}: {values.shape[1]} x {values.shape[0]} at {heatmap.spacing:.3g} um/px, "

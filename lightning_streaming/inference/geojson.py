@@ -140,9 +140,10 @@ def heatmap_features(
     pixel_area = heatmap.spacing**2
     features = []
     for polygon in mask_polygons(mask):
-        region = _fill(polygon, mask.shape)
-        if region.sum() < min_pixels:
+        box, inside = _fill_box(polygon)
+        if inside.sum() < min_pixels:
             continue
+        values = heatmap.values[box][inside]
         coordinates = [[[round(x * sx, 2), round(y * sy, 2)] for x, y in ring] for ring in polygon]
         features.append({
             "type": "Feature",
@@ -153,9 +154,9 @@ def heatmap_features(
                 "classification": {"name": f"{heatmap.kind} high", "color": colour},
                 "isLocked": False,
                 "measurements": {
-                    f"{heatmap.kind} mean": float(heatmap.values[region].mean()),
-                    f"{heatmap.kind} max": float(heatmap.values[region].max()),
-                    "area um^2": float(region.sum() * pixel_area),
+                    f"{heatmap.kind} mean": float(values.mean()),
+                    f"{heatmap.kind} max": float(values.max()),
+                    "area um^2": float(inside.sum() * pixel_area),
                 },
             },
         })  # fmt: skip
@@ -163,11 +164,22 @@ def heatmap_features(
 
 
 def _fill(polygon: list[list[Point]], shape: tuple[int, int]) -> np.ndarray:
-    """The pixels a polygon covers: pixel centres with an odd number of its rings' vertical
-    edges to their left (even-odd rule, so holes are left out)."""
-    parity = np.zeros((shape[0], shape[1] + 1), dtype=np.int64)
+    """The pixels a polygon covers, as a mask of ``shape``."""
+    (rows, cols), inside = _fill_box(polygon)
+    mask = np.zeros(shape, dtype=bool)
+    mask[rows, cols] = inside
+    return mask
+
+
+def _fill_box(polygon: list[list[Point]]) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The pixels a polygon covers within its bounding box ``(rows, cols)``: pixel centres
+    with an odd number of its rings' vertical edges to their left (even-odd rule, so holes
+    are left out)."""
+    exterior = np.array(polygon[0], dtype=np.int64)
+    (c0, r0), (c1, r1) = exterior.min(axis=0), exterior.max(axis=0)
+    parity = np.zeros((r1 - r0, c1 - c0 + 1), dtype=np.int64)
     for ring in polygon:
-        points = np.array(ring, dtype=np.int64)
+        points = np.array(ring, dtype=np.int64) - (c0, r0)
         start, stop = points[:-1], points[1:]
         vertical = start[:, 0] == stop[:, 0]
         x = start[vertical, 0]
@@ -175,4 +187,4 @@ def _fill(polygon: list[list[Point]], shape: tuple[int, int]) -> np.ndarray:
         counts = high - low
         rows = np.repeat(low, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         np.add.at(parity, (rows, np.repeat(x, counts)), 1)
-    return (np.cumsum(parity, axis=1)[:, :-1] % 2).astype(bool)
+    return (slice(r0, r1), slice(c0, c1)), (np.cumsum(parity, axis=1)[:, :-1] % 2).astype(bool)
