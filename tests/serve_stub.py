@@ -30,14 +30,18 @@ class StubPredictor:
                 progress: Callable[[float], None]) -> dict[str, Any]:  # fmt: skip
         from PIL import Image
 
-        from lightning_streaming.data.image_file import open_image
+        from lightning_streaming.data.errors import SlideReadError
+        from lightning_streaming.data.image_file import open_image, read_errors
 
         handle = open_image(path)
         width, height = handle.level_dimensions[0]
         for step in range(5):
             progress(step / 5)
             time.sleep(self.delay / 5)
-        pixels = np.asarray(handle.read_region((0, 0), 0, (width, height)).convert("RGB"), dtype=np.float64)
+        try:  # as the package's Slide reports a damaged file
+            pixels = np.asarray(handle.read_region((0, 0), 0, (width, height)).convert("RGB"), dtype=np.float64)
+        except read_errors(handle) as error:
+            raise SlideReadError(f"cannot decode {path}: {error}", path) from error
         if width == 13 and height == 13:
             os._exit(3)  # a worker that dies, as a crashing decoder would
         dark = float(1 - pixels.mean() / 255)

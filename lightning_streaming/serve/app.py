@@ -101,15 +101,16 @@ def _limit_logins(app: Flask, limiter: Limiter, settings: ServeSettings) -> None
             view = rule(view)
         app.view_functions[endpoint] = view
 
+    # Shared limits: the page and the API count together.
     login_rules = (
-        limiter.limit(settings.login_limit, key_func=_username_key, deduct_when=_failed, methods=["POST"],
-                      scope="login-user"),
-        limiter.limit(settings.login_limit, key_func=get_remote_address, deduct_when=_failed, methods=["POST"],
-                      scope="login-address"),
+        limiter.shared_limit(settings.login_limit, "login-user", key_func=_username_key, deduct_when=_failed,
+                             methods=["POST"]),
+        limiter.shared_limit(settings.login_limit, "login-address", key_func=get_remote_address,
+                             deduct_when=_failed, methods=["POST"]),
     )  # fmt: skip
     for endpoint in ("pages.login", "api.login"):
         limited(endpoint, *login_rules)
-    register_rule = limiter.limit(settings.register_limit, key_func=get_remote_address, methods=["POST"],
-                                  scope="register-address")  # fmt: skip
+    register_rule = limiter.shared_limit(settings.register_limit, "register-address", key_func=get_remote_address,
+                                         methods=["POST"])  # fmt: skip
     for endpoint in ("pages.register", "api.register"):
         limited(endpoint, register_rule)
