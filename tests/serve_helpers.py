@@ -81,3 +81,79 @@ def csrf_token(c, path: str) -> str:
 
 def form_login(c, username: str, password: str = PASSWORD):
     return c.post("/login", data={"username": username, "password": password, "csrf_token": csrf_token(c, "/login")})
+
+
+class LiveServer:
+    """``app`` served by waitress on 127.0.0.1 at a free port, in a thread; stops on exit."""
+
+    def __init__(self, app) -> None:
+        from waitress.server import create_server
+
+        self.app = app
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=8)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self._thread = None
+
+    def __enter__(self) -> "LiveServer":
+        import threading
+
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.close()
+        self._thread.join(10)
+        self.app.extensions["lightning_streaming"].pool.stop()
+
+
+REPO = TESTS.parent
+REAL_MODEL = "examples.slide_demo:SlideClassifier"
+REAL_CLASSES = ("benign", "tumour")
+REAL_SPACING = 2.0  # um/px of the tiny real model: the example region is 554 x 740 px there
+
+
+def real_checkpoint(folder: Path) -> Path:
+    """The demo's streaming classifier (seeded, untrained: small and deterministic), saved as
+    a Lightning checkpoint of plain data with its inference record (classes, spacing)."""
+    import sys
+
+    import torch
+
+    import lightning_streaming as ls
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from examples.slide_demo import SlideClassifier
+
+    mean, std = [0.80, 0.62, 0.76], [0.12, 0.18, 0.12]
+    model = SlideClassifier(mean, std)
+    info = ls.ModelInfo(classes=list(REAL_CLASSES), task="classification", spacing=REAL_SPACING, mean=mean, std=std,
+                        model_class=REAL_MODEL)  # fmt: skip
+    path = folder / "tiny.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "lightning_streaming": info.to_dict()}, path)  # fmt: skip
+    return path
+
+
+def real_app(data_dir: Path, **options: Any):
+    """An app with the real adapter over the inference API and the tiny real model; returns
+    ``(app, class names)`` once its workers are ready."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    settings = ServeSettings(checkpoint=str(real_checkpoint(data_dir.parent)), model=REAL_MODEL, data_dir=data_dir,
+                             **options)  # fmt: skip
+    app = create_app(settings)
+    pool = app.extensions["lightning_streaming"].pool
+    assert pool.wait_ready(180), pool.state
+    return app, list(pool.state.model["classes"])
+
+
+def region_png(slide_path: Path, app, out: Path) -> Path:
+    """The example slide region read at the model's spacing, saved as a PNG (which records no
+    pixel size: the service assumes the model's)."""
+    import lightning_streaming as ls
+
+    spacing = app.extensions["lightning_streaming"].pool.state.model["spacing"]
+    pixels = ls.Slide(slide_path).read(spacing)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(out)
+    return out

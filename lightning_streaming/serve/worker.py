@@ -118,7 +118,20 @@ def _run(conn: Connection, predictor: Any, job: dict[str, Any]) -> None:
     conn.send(("done", job_id, result))
 
 
+def _die_with_parent() -> None:
+    """On Linux, end this process when the server that started it dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 if __name__ == "__main__":
+    _die_with_parent()
     config = json.loads(sys.argv[1])
     sys.path[:] = config["sys_path"]  # as the server sees modules (the model's class may live beside it)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(process)d: %(message)s")
