@@ -89,8 +89,8 @@ def test_register_log_in_upload_and_read_the_result(browser, example_slides, tmp
         label = wait.until(ec.visibility_of_element_located((By.ID, "label"))).text
         assert label in classes
 
-        rows = browser.find_elements(By.CSS_SELECTOR, "#probabilities tr")
-        shown = {row.find_element(By.TAG_NAME, "th").text: row.find_element(By.CSS_SELECTOR, "td.num").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "#probabilities .row")
+        shown = {row.find_element(By.CSS_SELECTOR, ".name").text: row.find_element(By.CSS_SELECTOR, ".num").text
                  for row in rows}  # fmt: skip
         assert set(shown) == set(classes) and all(value.endswith("%") for value in shown.values())
         assert abs(sum(float(value[:-1]) for value in shown.values()) - 100) < 0.5
