@@ -40,12 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; 2 when the model cannot be loaded."""
-    from waitress.server import create_server
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from waitress.server import create_server
 
-    from .app import create_app
+        from .app import create_app
+    except ModuleNotFoundError as error:
+        log.error("the web service needs its extra (%s is not installed): pip install 'lightning_streaming[serve]'",
+                  error.name)  # fmt: skip
+        return 2
     from .settings import DataDir, ServeSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.checkpoint.is_file():
         log.error("no checkpoint at %s", args.checkpoint)
         return 2

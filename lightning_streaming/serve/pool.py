@@ -160,6 +160,8 @@ class WorkerPool:
 
     def _step(self) -> None:
         readers = {w.conn.reader: w for w in self._workers}
+        if not readers:  # every worker failed to load the model: nothing to wait for
+            time.sleep(_TICK)
         for ready in wait(list(readers), timeout=_TICK):
             if readers[ready] in self._workers:
                 self._receive(readers[ready])
