@@ -26,7 +26,7 @@ class StubPredictor:
         return {"classes": ["benign", "tumour"], "task": "classification", "spacing": 2.0,
                 "checkpoint": "stub.ckpt", "heatmaps": list(self.heatmaps)}  # fmt: skip
 
-    def predict(self, path: Path, out_dir: Path, *, base_spacing: float | None,
+    def predict(self, path: Path, out_dir: Path, *, name: str, base_spacing: float | None,
                 progress: Callable[[float], None]) -> dict[str, Any]:  # fmt: skip
         from PIL import Image
 
@@ -57,6 +57,6 @@ class StubPredictor:
         base.save(out_dir / names["base"])
         color.save(out_dir / names["color"])
         Image.blend(base, color, 0.5).save(out_dir / names["overlay"])
-        files = {name: name for name in ("heatmap_cam.npy", "prediction.json", "prediction.csv", names["overlay"])}
+        files = {f: f for f in ("heatmap_cam.npy", "prediction.json", "prediction.csv", names["overlay"])}
         return {"label": label, "probabilities": probabilities, "value": None, "files": files,
                 "layers": {"heatmaps": {"cam": names}}}  # fmt: skip

@@ -117,7 +117,7 @@ def test_the_server_killed_mid_job_restarts_with_nothing_lost_and_writes_only_it
         assert [a["status"] for a in answers] == ["done"] * len(ids), answers
         assert [p["id"] for p in again.get(f"{server.url}/api/predictions").json()] == ids[::-1]
         assert requests.post(f"{server.url}/api/login", json={"username": "survivor", "password": PASSWORD}).ok
-        assert server.stop() == 0
+        assert server.stop() == 0, "".join(server.log[-40:])
     for name, folder in folders.items():
         assert list(folder.rglob("*")) == [], f"the server wrote into {name}: {list(folder.rglob('*'))}"
     assert {p.name for p in data.iterdir()} >= {"serve.sqlite3", "secret_key", "uploads", "results"}

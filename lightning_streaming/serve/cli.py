@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; 2 when the model cannot be loaded."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                      "x-forwarded-for"}, "clear_untrusted_proxy_headers": True}  # fmt: skip
         server = create_server(app, host=args.host, port=args.port, threads=_THREADS,
                                max_request_body_size=settings.max_upload_bytes + 2**20, **proxy)  # fmt: skip
-        signal.signal(signal.SIGTERM, lambda *_: server.close())
+        signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: leave the loop, then close
         log.info("model ready: %s", pool.state.model)
         log.info("Serving on http://%s:%s (data in %s)", server.effective_host, server.effective_port, data.root)
         try:

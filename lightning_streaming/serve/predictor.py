@@ -44,9 +44,10 @@ class StreamingPredictor:
         }
 
     def predict(
-        self, path: Path, out_dir: Path, *, base_spacing: float | None, progress: Callable[[float], None]
+        self, path: Path, out_dir: Path, *, name: str, base_spacing: float | None, progress: Callable[[float], None]
     ) -> dict[str, Any]:
         """Predict ``path``, write every output into ``out_dir``, and say what was made.
+        ``name`` is the file's name as its owner knows it (in titles and file names).
 
         Returns:
             ``label``, ``probabilities`` (or ``value``), ``files`` (download name -> file in
@@ -58,6 +59,7 @@ class StreamingPredictor:
         prediction = ls.predict_slide(
             self.model, str(path), heatmaps=self.heatmaps, base_spacing=base_spacing, progress=progress
         )
+        prediction.slide = name  # not the stored copy's generated name
         written = ls.write_prediction(prediction, out_dir)
         files = {p.name: p.name for p in _paths(written, out_dir)}
         layers: dict[str, dict[str, str]] = {}
@@ -69,7 +71,6 @@ class StreamingPredictor:
             ls.render_overlay(prediction, heatmap=kind, opacity=0.0).save(out_dir / names["base"])
             ls.render_overlay(prediction, heatmap=kind, opacity=1.0).save(out_dir / names["color"])
             ls.render_overlay(prediction, heatmap=kind, opacity=_OVERLAY_OPACITY).save(out_dir / names["overlay"])
-            files.setdefault(names["overlay"], names["overlay"])
             layers[kind] = names
         probabilities = getattr(prediction, "probabilities", None)
         value = getattr(prediction, "value", None)
@@ -95,12 +96,19 @@ def _paths(written: Any, out_dir: Path) -> list[Path]:
     return found
 
 
+_HEATMAP_NAMES = {"cam": "class activation", "saliency": "saliency", "attention": "attention"}
+
+
 def describe_files(files: dict[str, str]) -> list[tuple[str, str]]:
     """``(download name, what it is)`` for the result page, in a reader's order."""
-    order = {".png": 0, ".csv": 1, ".json": 2, ".npy": 3}
-    kinds = {".png": "Overlay picture (PNG)", ".csv": "Prediction (CSV)", ".json": "Prediction (JSON)",
-             ".npy": "Raw heatmap values (NumPy .npy)", ".tif": "Heatmap for a slide viewer (pyramidal TIFF)",
-             ".tiff": "Heatmap for a slide viewer (pyramidal TIFF)",
-             ".geojson": "Regions for a slide viewer (GeoJSON, QuPath)"}  # fmt: skip
-    rows = [(name, kinds.get(Path(name).suffix.lower(), "File")) for name in files]
+    order = {".csv": 0, ".json": 1, ".png": 2, ".npy": 3}
+    kinds = {".png": "Overlay picture", ".csv": "Prediction, CSV", ".json": "Prediction, JSON",
+             ".npy": "Heatmap values, NumPy", ".tif": "Heatmap for a slide viewer, TIFF",
+             ".tiff": "Heatmap for a slide viewer, TIFF", ".geojson": "Regions for QuPath, GeoJSON"}  # fmt: skip
+    rows = []
+    for name in files:
+        suffixes = [s.lstrip(".") for s in Path(name).suffixes]
+        heatmap = next((_HEATMAP_NAMES[s] for s in suffixes[:-1] if s in _HEATMAP_NAMES), None)
+        what = kinds.get(Path(name).suffix.lower(), "File")
+        rows.append((name, f"{what} ({heatmap})" if heatmap else what))
     return sorted(rows, key=lambda row: (order.get(Path(row[0]).suffix.lower(), 9), row[0]))

@@ -110,7 +110,8 @@ def _run(conn: Connection, predictor: Any, job: dict[str, Any]) -> None:
     try:
         out_dir = Path(job["out_dir"])
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        result = predictor.predict(Path(job["path"]), out_dir, base_spacing=job["base_spacing"], progress=progress)
+        result = predictor.predict(Path(job["path"]), out_dir, name=job["shown_name"], base_spacing=job["base_spacing"],
+                                   progress=progress)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - any failure of one job is that job's failure
         log.warning("job %s failed", job_id, exc_info=True)
         conn.send(("failed", job_id, user_message(error, {job["path"]: job["shown_name"], job["data_dir"]: "…"})))
