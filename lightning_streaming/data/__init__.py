@@ -14,7 +14,7 @@ from .._lazy import lazy_attributes
 if TYPE_CHECKING:
     from .augment import Augmentation, ColourJitter, Orientation
     from .datamodule import SlideDataModule
-    from .dataset import SlideDataset, collate_slides
+    from .dataset import SlideBatch, SlideDataset, SlideView, collate_slides
     from .errors import (
         LabelParseError,
         ManifestError,
@@ -41,7 +41,9 @@ _WHERE = {
     "ColourJitter": ".augment",
     "Orientation": ".augment",
     "SlideDataModule": ".datamodule",
+    "SlideBatch": ".dataset",
     "SlideDataset": ".dataset",
+    "SlideView": ".dataset",
     "collate_slides": ".dataset",
     "LabelParseError": ".errors",
     "ManifestError": ".errors",

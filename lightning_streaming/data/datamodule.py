@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from torch.utils.data import DataLoader
 
 from ..lightning._compat import LightningTyped
+from ..lightning.info import ModelInfo
 from .augment import Augmentation
 from .dataset import SlideDataset, collate_slides
 from .manifest import Manifest, Task
@@ -72,7 +73,10 @@ class SlideDataModule(LightningTyped, lightning_base="LightningDataModule"):
     logged at each epoch end (per process).
 
     Args:
-        train, val, test, predict: manifest paths (any may be None).
+        train, val, test, predict: manifest paths (any may be None). The predict manifest
+            may have no target column (just ``slide``); its batches are
+            :class:`SlideBatch` ``(images, targets, slides)``, with each image's
+            :class:`SlideView` (its slide and the pixels it shows).
         spacing: um per pixel.
         input_size: crop/pad size ``(height, width)`` or int; None: whole tissue images
             (batch_size 1).
@@ -176,14 +180,25 @@ class SlideDataModule(LightningTyped, lightning_base="LightningDataModule"):
         return Manifest.read(
             path, task=self.task, target_columns=self.target_columns, classes=self.classes,
             num_classes=self.num_classes_given if self.classes is None else None, on_error=self.on_error,
+            require_targets=stage != "predict",
         )  # fmt: skip
+
+    def _model_classes(self) -> tuple[str, ...] | None:
+        """The class names the attached model was trained with (its checkpoint's record)."""
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        info = getattr(model, "model_info", None)
+        classes = getattr(info, "classes", None)
+        return tuple(classes) if classes else None
 
     def _dataset(self, stage: str) -> SlideDataset:
         if stage not in self.datasets:
             if self.manifests[stage] is None:
                 raise ValueError(f"SlideDataModule was given no {stage} manifest: pass {stage}='path/to/{stage}.csv'")
-            if stage != "train" and self.classes is None and self.task == "classification" and self.manifests["train"]:
-                self.classes = self._dataset("train").manifest.classes  # indices follow the training manifest
+            if stage != "train" and self.classes is None and self.task == "classification":
+                # Indices follow the training manifest, else the model's own classes (prediction only).
+                self.classes = self._dataset("train").manifest.classes if self.manifests["train"] else (
+                    self._model_classes()
+                )
             self.datasets[stage] = SlideDataset(
                 self._manifest(stage),
                 self.spacing,
@@ -196,6 +211,7 @@ class SlideDataModule(LightningTyped, lightning_base="LightningDataModule"):
                 on_error=self.on_error,
                 seed=self.seed,
                 cache_dir=self.cache_dir,
+                with_slide=stage == "predict",
             )
             if stage == "train" and self.classes is None:
                 self.classes = self.datasets[stage].manifest.classes
@@ -213,6 +229,15 @@ class SlideDataModule(LightningTyped, lightning_base="LightningDataModule"):
         for name in wanted:
             if self.manifests[name] is not None:
                 self._dataset(name)
+
+    def model_info(self) -> ModelInfo:
+        """What a model trained on this data should record for inference: class names (or
+        regression target names), task and spacing (see :class:`~lightning_streaming.ModelInfo`)."""
+        classes = self.classes
+        if self.manifests["train"] is not None and (classes is None or self.task != "classification"):
+            manifest = self._dataset("train").manifest
+            classes = manifest.classes if self.task == "classification" else manifest.target_columns
+        return ModelInfo(classes=list(classes) if classes else None, task=self.task, spacing=float(self.spacing))
 
     @property
     def num_classes(self) -> int | None:

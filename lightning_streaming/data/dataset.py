@@ -9,7 +9,7 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,11 +26,62 @@ from .slide import Slide
 from .source import SlideRegionSource, StackedSource, read_all
 from .tissue import TissueDetection, TissueMask
 
-__all__ = ["SlideDataset", "collate_slides"]
+__all__ = ["SlideBatch", "SlideDataset", "SlideView", "collate_slides"]
 
 log = logging.getLogger(__name__)
 
 _OPEN_SLIDES = 8
+
+
+class SlideView(NamedTuple):
+    """Which slide pixels an image shows: the identity of a prediction, and how to map the
+    image (and heatmaps computed on it) back onto the slide.
+
+    Image pixel ``i`` along an axis is pixel ``i + offset`` of the view assembled from the
+    slide's ``rows`` (or ``cols``) runs at ``spacing`` (see :class:`Layout`); outside the
+    view it is white padding.
+
+    Attributes:
+        path: the slide file.
+        spacing: um per pixel of the image.
+        base_spacing: the manifest's level-0 spacing for the slide (None: the file's own).
+        rows, cols: runs of slide pixels at ``spacing`` the view is made of.
+        offset: ``(row, col)`` of the image's first pixel in the view (negative: padding).
+        shape: ``(height, width)`` of the image.
+        line: the manifest line of the slide.
+    """
+
+    path: str
+    spacing: float
+    base_spacing: float | None
+    rows: tuple[tuple[int, int], ...]
+    cols: tuple[tuple[int, int], ...]
+    offset: tuple[int, int]
+    shape: tuple[int, int]
+    line: int
+
+    def slide_pixels(self, axis: int) -> np.ndarray:
+        """For each image pixel along ``axis`` (0: rows, 1: columns), the slide pixel at
+        ``spacing`` it shows, or -1 for padding."""
+        runs = self.rows if axis == 0 else self.cols
+        view = np.arange(self.shape[axis], dtype=np.int64) + self.offset[axis]
+        out = np.full(self.shape[axis], -1, dtype=np.int64)
+        start = 0
+        for a, b in runs:
+            inside = (view >= start) & (view < start + b - a)
+            out[inside] = view[inside] - start + a
+            start += b - a
+        return out
+
+
+class SlideBatch(NamedTuple):
+    """A batch of slides with their identity (what :class:`SlideDataModule`'s predict loader
+    yields): ``images`` (uint8 ``(N, 3, H, W)`` or a lazy source), ``targets`` (None for a
+    manifest without targets) and one :class:`SlideView` per image."""
+
+    images: Tensor | RegionSource
+    targets: Tensor | None
+    slides: list[SlideView]
 
 
 def _pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -91,6 +142,8 @@ class SlideDataset(Dataset):
             size, modification time, spacing override and the detection settings); None
             keeps them in memory only.
         max_skips: how many bad samples in a row ``"skip"`` tolerates before raising.
+        with_slide: items are ``(image, target, SlideView)``: each image's slide and the
+            pixels it shows (evaluation only, ``train=False``), for predictions and heatmaps.
         task, classes, num_classes: passed to :meth:`Manifest.read` when ``manifest`` is a path.
 
     Example::
@@ -115,11 +168,14 @@ class SlideDataset(Dataset):
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         max_skips: int = 16,
+        with_slide: bool = False,
         task: Task = "classification",
         classes: Sequence[str] | None = None,
         num_classes: int | None = None,
     ) -> None:
         check_on_error(on_error)
+        if with_slide and train:
+            raise ValueError("with_slide=True describes evaluation images (train=False); training images are augmented")
         if not (isinstance(spacing, (int, float)) and spacing > 0):
             raise ValueError(f"spacing must be a positive number of um per pixel, got {spacing!r}")
         self.manifest = (
@@ -139,6 +195,7 @@ class SlideDataset(Dataset):
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_skips = max_skips
+        self.with_slide = with_slide
         self.epoch = 0
         self.skips = SkipCounter()
         self._slides: OrderedDict[int, Slide] = OrderedDict()
@@ -169,7 +226,7 @@ class SlideDataset(Dataset):
 
     # -- items --------------------------------------------------------------------------
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor | RegionSource, int | Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         n = len(self)
         if not -n <= index < n:
@@ -275,11 +332,21 @@ class SlideDataset(Dataset):
             view = ColourSource(view, jitter)
         return view
 
-    def item(self, index: int, epoch: int = 0) -> tuple[Tensor | RegionSource, int | Tensor]:
-        """Sample ``index`` in ``epoch``, raising on a bad slide whatever ``on_error`` says."""
+    def item(self, index: int, epoch: int = 0) -> tuple[Any, ...]:
+        """Sample ``index`` in ``epoch``, raising on a bad slide whatever ``on_error`` says:
+        ``(image, target)``, or ``(image, target, SlideView)`` with ``with_slide``."""
         source = self.source(index, epoch)
         image = source if self.lazy else read_all(source)[0]
-        return image, self.manifest.rows[index].target
+        row = self.manifest.rows[index]
+        if not self.with_slide:
+            return image, row.target
+        layout = self.layout(index)
+        shape = tuple(int(n) for n in source.shape[2:])
+        offset = (0, 0)
+        if self.input_size is not None:
+            offset = tuple((n - s) // 2 for n, s in zip(layout.shape, self.input_size))  # the centre crop of _offset
+        view = SlideView(str(row.slide), self.spacing, row.base_spacing, layout.rows, layout.cols, offset, shape, row.line)
+        return image, row.target, view
 
     def _offset(
         self,
@@ -330,14 +397,22 @@ class SlideDataset(Dataset):
         return row, col
 
 
-def collate_slides(samples: Sequence[tuple[Tensor | RegionSource, Any]]) -> tuple[Tensor | RegionSource, Any]:
+def collate_slides(samples: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
     """Batch ``(image, target)`` samples: images (uint8 tensors of one size) are stacked;
     lazy sources of one shape become one :class:`StackedSource`; class indices become a
-    ``LongTensor``, tensor targets are stacked.
+    ``LongTensor``, tensor targets are stacked. Samples ``(image, target, SlideView)`` make
+    a :class:`SlideBatch` (targets None when the manifest has none).
 
     Raises:
         ValueError: images of different sizes (set ``input_size``, or a batch size of 1).
     """
+    if samples and len(samples[0]) == 3:
+        images, targets = _collate_pairs([(s[0], s[1]) for s in samples])
+        return SlideBatch(images, targets, [s[2] for s in samples])
+    return _collate_pairs(samples)
+
+
+def _collate_pairs(samples: Sequence[tuple[Any, ...]]) -> tuple[Any, Any]:
     images, targets = zip(*samples)
     if all(isinstance(i, Tensor) for i in images):
         if len({tuple(i.shape) for i in images}) > 1:
@@ -348,8 +423,10 @@ def collate_slides(samples: Sequence[tuple[Tensor | RegionSource, Any]]) -> tupl
         batch: Tensor | RegionSource = torch.stack(list(images))
     else:
         batch = images[0] if len(images) == 1 else StackedSource(list(images))  # type: ignore[arg-type]
-    if all(isinstance(t, int) for t in targets):
-        target: Any = torch.tensor(targets, dtype=torch.int64)
+    if all(t is None for t in targets):
+        target: Any = None
+    elif all(isinstance(t, int) for t in targets):
+        target = torch.tensor(targets, dtype=torch.int64)
     else:
         target = torch.stack([torch.as_tensor(t) for t in targets])
     return batch, target

@@ -33,7 +33,8 @@ class ManifestRow:
     Attributes:
         slide: absolute path of the slide.
         target: an int class index (classification), a float tensor of 0/1 per label
-            (multilabel) or a float tensor of values (regression).
+            (multilabel) or a float tensor of values (regression); None in a manifest
+            without targets (read with ``require_targets=False``, e.g. slides to predict).
         line: the row's line number in the CSV (for messages).
         base_spacing: level-0 um/px from a ``base_spacing`` column, if any.
         tissue_mask: a saved :class:`TissueMask` (``.npz``) from a ``tissue_mask`` column,
@@ -41,7 +42,7 @@ class ManifestRow:
     """
 
     slide: Path
-    target: int | Tensor
+    target: int | Tensor | None
     line: int
     base_spacing: float | None = None
     tissue_mask: Path | None = None
@@ -83,10 +84,14 @@ class Manifest:
         num_classes: the number of classes, for index labels ``0 .. num_classes - 1``
             (e.g. when a class has no rows in this manifest). Give this or ``classes``.
         on_error: ``"raise"`` or ``"skip"``.
+        require_targets: False accepts a manifest with no target column (just ``slide``,
+            and optionally ``base_spacing``, ``tissue_mask``): slides to predict. Its rows
+            have ``target`` None.
 
     Example::
 
         train = ls.Manifest.read("train.csv")                       # slide,label
+        unlabelled = ls.Manifest.read("new_slides.csv", require_targets=False)   # slide
         val = ls.Manifest.read("val.csv", classes=train.classes)
     """
 
@@ -121,6 +126,7 @@ class Manifest:
         num_classes: int | None = None,
         on_error: OnError = "raise",
         check_files: bool = True,
+        require_targets: bool = True,
     ) -> "Manifest":
         check_on_error(on_error)
         stated = declared_classes(classes, num_classes)
@@ -147,25 +153,9 @@ class Manifest:
         if target_columns is None:
             target_columns = [c for c in header if c not in (slide_column, *_OPTIONAL)]
         missing = [c for c in target_columns if c not in header]
-        if missing or not target_columns:
-            raise ManifestError(
-                f"manifest {str(path)!r}: target columns {missing or '(none)'} not found among {header}", path
-            )
-        if task == "classification" and len(target_columns) != 1:
-            raise ManifestError(
-                f"manifest {str(path)!r}: classification takes one target column, got {list(target_columns)}; pass "
-                "target_columns=['label'], or task='multilabel' for one 0/1 column per label",
-                path,
-            )
         classes = stated
-        if task == "classification":
-            labels = [(line, (r.get(target_columns[0]) or "").strip()) for line, r in records]
-            labels = [(line, label) for line, label in labels if label]
-            if classes is None:
-                classes = infer_classes(path, labels)
-            else:
-                warn_absent_classes(path, classes, labels)
-
+        if target_columns or require_targets:
+            classes = _check_targets(path, header, records, list(target_columns), missing, task, stated)
         rows, problems = [], []
         for line, record in records:
             try:
@@ -173,6 +163,19 @@ class Manifest:
                 rows.append(row)
             except (LabelParseError, SlideNotFoundError) as error:
                 problems.append(error)
+        return cls._checked(path, task, rows, tuple(target_columns), classes, problems, on_error)
+
+    @classmethod
+    def _checked(
+        cls,
+        path: Path,
+        task: Task,
+        rows: list[ManifestRow],
+        target_columns: tuple[str, ...],
+        classes: tuple[str, ...] | None,
+        problems: list[Exception],
+        on_error: OnError,
+    ) -> "Manifest":
         if problems and on_error == "raise":
             shown = "\n  ".join(str(p) for p in problems[:10])
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -187,7 +190,40 @@ class Manifest:
             log.warning("skipping manifest row: %s", problem)
         if not rows:
             raise ManifestError(f"manifest {str(path)!r} has no usable rows", path)
-        return cls(path, task, rows, tuple(target_columns), classes, [str(p) for p in problems])
+        return cls(path, task, rows, target_columns, classes, [str(p) for p in problems])
+
+
+def _check_targets(
+    path: Path,
+    header: list[str],
+    records: list[tuple[int, dict[str, str | None]]],
+    target_columns: list[str],
+    missing: list[str],
+    task: Task,
+    stated: tuple[str, ...] | None,
+) -> tuple[str, ...] | None:
+    """Refuse missing or unsuitable target columns; the classes of a classification manifest."""
+    if missing or not target_columns:
+        hint = "; to list slides without targets (for prediction), read it with require_targets=False"
+        raise ManifestError(
+            f"manifest {str(path)!r}: target columns {missing or '(none)'} not found among {header}"
+            + ("" if missing else hint),
+            path,
+        )
+    if task == "classification" and len(target_columns) != 1:
+        raise ManifestError(
+            f"manifest {str(path)!r}: classification takes one target column, got {list(target_columns)}; pass "
+            "target_columns=['label'], or task='multilabel' for one 0/1 column per label",
+            path,
+        )
+    if task != "classification":
+        return stated
+    labels = [(line, (r.get(target_columns[0]) or "").strip()) for line, r in records]
+    labels = [(line, label) for line, label in labels if label]
+    if stated is None:
+        return infer_classes(path, labels)
+    warn_absent_classes(path, stated, labels)
+    return stated
 
 
 def _parse_row(
@@ -209,8 +245,10 @@ def _parse_row(
     if check_files and not slide.is_file():
         raise SlideNotFoundError(f"{where}: slide {str(slide)!r} does not exist", slide)
     values = [(c, (record.get(c) or "").strip()) for c in target_columns]
-    target: int | Tensor
-    if task == "classification":
+    target: int | Tensor | None
+    if not target_columns:
+        target = None
+    elif task == "classification":
         column, value = values[0]
         index = class_index(value, classes or ())
         if index is None:

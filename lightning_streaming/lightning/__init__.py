@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .auto_tile import auto_tile_size, estimate_tile_memory
     from .lsuv import StreamingLSUV
     from .mixin import StreamingMixin
+    from .info import ModelInfo, model_info
     from .settings import DEFAULT_TILE_SIZE, StreamingSettings
     from .split import split_at
     from .strategies import StreamingDDPStrategy, StreamingStrategy
@@ -31,6 +32,8 @@ _WHERE = {
     "StreamingDDPStrategy": ".strategies",
     "StreamingLSUV": ".lsuv",
     "StreamingMixin": ".mixin",
+    "ModelInfo": ".info",
+    "model_info": ".info",
     "StreamingSettings": ".settings",
     "StreamingStrategy": ".strategies",
     "auto_tile_size": ".auto_tile",
