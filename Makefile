@@ -24,7 +24,7 @@ demo: venv
 DEMO_CKPT := results/demo/model.ckpt
 serve: venv
 	test -f $(DEMO_CKPT) || $(MAKE) demo
-	$(PY) -m lightning_streaming.serve --checkpoint $(DEMO_CKPT) --model examples.slide_demo:SlideClassifier \
+	$(VENV)/bin/lightning-streaming serve --checkpoint $(DEMO_CKPT) --model examples.slide_demo:SlideClassifier \
 		--host 127.0.0.1 --port 8000 --data-dir results/serve
 
 demo-stream: venv

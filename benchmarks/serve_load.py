@@ -30,14 +30,14 @@ PASSWORD = "load test password"
 
 
 class ServerProcess:
-    """``python -m lightning_streaming.serve ...`` on 127.0.0.1 at a free port, as a child
+    """``python -m lightning_streaming serve ...`` (the ``lightning-streaming`` command) on 127.0.0.1 at a free port, as a child
     process; ``url`` once it serves. ``stop()`` sends SIGTERM (SIGKILL after ``grace`` s);
     ``kill()`` sends SIGKILL at once (a crash)."""
 
     def __init__(self, checkpoint: Path, model: str, data_dir: Path, *, workers: int = 1,
                  extra: Sequence[str] = (), env: dict[str, str] | None = None, cwd: Path | None = None,
                  timeout: float = 300) -> None:  # fmt: skip
-        command = [sys.executable, "-m", "lightning_streaming.serve", "--checkpoint", str(checkpoint), "--model",
+        command = [sys.executable, "-m", "lightning_streaming", "serve", "--checkpoint", str(checkpoint), "--model",
                    model, "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir), "--workers",
                    str(workers), *extra]  # fmt: skip
         self.log: list[str] = []

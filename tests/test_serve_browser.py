@@ -77,7 +77,7 @@ def test_register_log_in_upload_and_read_the_result(browser, example_slides, tmp
         browser.find_element(By.LINK_TEXT, "Log in").click()
         fill({"username": "pathologist", "password": "not the password"})
         browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
-        assert "Wrong user name or password." in browser.find_element(By.CSS_SELECTOR, "form.card").text
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "form.card"), "Wrong user name or password."))
         fill({"username": "pathologist", "password": PASSWORD})
         browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
         wait.until(ec.url_contains("/upload"))
@@ -114,5 +114,5 @@ def test_register_log_in_upload_and_read_the_result(browser, example_slides, tmp
         assert heat.is_displayed()
 
         browser.find_element(By.LINK_TEXT, "My results").click()
-        assert "cmu_small_region.png" in browser.find_element(By.CSS_SELECTOR, "table.history").text
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "table.history"), "cmu_small_region.png"))
         browser.save_screenshot(str(SHOTS / "history.png"))

@@ -302,3 +302,20 @@ def test_a_restart_keeps_accounts_sessions_and_results_and_requeues_interrupted_
         assert client(second).post("/api/login", json={"username": "persistent", "password": PASSWORD}).status_code == 200
     finally:
         second.extensions["lightning_streaming"].pool.stop()
+
+
+def test_the_serve_command_is_listed_and_explains_itself():
+    import subprocess
+    import sys
+
+    listed = subprocess.run([sys.executable, "-m", "lightning_streaming", "--help"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert listed.returncode == 0 and "serve" in listed.stdout
+    helped = subprocess.run([sys.executable, "-m", "lightning_streaming", "serve", "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert helped.returncode == 0
+    for option in ("--checkpoint", "--model", "--host", "--port", "--data-dir", "--workers", "--memory-budget"):
+        assert option in helped.stdout
+    missing = subprocess.run([sys.executable, "-m", "lightning_streaming", "serve", "--checkpoint", "nowhere.ckpt",
+                              "--model", "x:Y"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "no checkpoint at nowhere.ckpt" in missing.stderr
