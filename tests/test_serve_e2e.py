@@ -83,7 +83,7 @@ def test_the_server_killed_mid_job_restarts_with_nothing_lost_and_writes_only_it
     checkpoint = real_checkpoint(tmp_path)
     env, folders = _isolated_env(tmp_path)
     data = tmp_path / "data"
-    crops = serve_load.example_crops(example_slides.cmu_small_region, 2.0, 4, size=384)
+    crops = serve_load.example_crops(example_slides.cmu_small_region, 2.0, 4, size=256)
     with serve_load.ServerProcess(checkpoint, REAL_MODEL, data, env=env, cwd=folders["cwd"]) as server:
         session = requests.Session()
         assert session.post(f"{server.url}/api/register", json={"username": "survivor", "password": PASSWORD}
@@ -125,7 +125,7 @@ def test_the_server_killed_mid_job_restarts_with_nothing_lost_and_writes_only_it
 
 def test_load_20_uploads_from_5_users_at_once(tmp_path, example_slides, record_property):
     checkpoint = real_checkpoint(tmp_path)
-    images = serve_load.example_crops(example_slides.cmu_small_region, 2.0, 20, size=256)
+    images = serve_load.example_crops(example_slides.cmu_small_region, 2.0, 20, size=128)
     expected = serve_load.expected_probabilities(checkpoint, REAL_MODEL, images, tmp_path / "images")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with serve_load.ServerProcess(checkpoint, REAL_MODEL, tmp_path / "data", workers=2, env=env, cwd=REPO) as server:

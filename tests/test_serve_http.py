@@ -319,3 +319,14 @@ def test_the_serve_command_is_listed_and_explains_itself():
     missing = subprocess.run([sys.executable, "-m", "lightning_streaming", "serve", "--checkpoint", "nowhere.ckpt",
                               "--model", "x:Y"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 2 and "no checkpoint at nowhere.ckpt" in missing.stderr
+
+
+def test_the_package_does_not_import_the_web_service():
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_streaming as ls; ls.load_model, ls.predict_slide; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'waitress', 'sqlalchemy') "
+            "or m.startswith('lightning_streaming.serve')))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -5,6 +5,7 @@
   if (status && (status.dataset.status === "queued" || status.dataset.status === "running")) {
     var bar = document.getElementById("progress");
     var text = document.getElementById("status-text");
+    var percent = document.getElementById("percent");
     var poll = function () {
       fetch(status.dataset.poll, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
@@ -12,7 +13,7 @@
           if (p.status === "done" || p.status === "failed") { window.location.reload(); return; }
           text.textContent = p.status === "queued" ? "Waiting for a free worker" : "Predicting";
           bar.value = p.progress;
-          bar.textContent = Math.round(p.progress * 100) + "%";
+          bar.textContent = percent.textContent = Math.round(p.progress * 100) + "%";
           window.setTimeout(poll, 1000);
         })
         .catch(function () { window.setTimeout(poll, 3000); });
