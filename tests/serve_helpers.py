@@ -16,6 +16,7 @@ from lightning_streaming.serve import ServeSettings, create_app
 
 TESTS = Path(__file__).resolve().parent
 PASSWORD = "a long enough password"
+CHEAP_ARGON2 = (1, 8192, 1)  # the web-layer tests hash many passwords; the default is tested once
 
 
 def stub_checkpoint(folder: Path) -> Path:
@@ -28,7 +29,7 @@ def stub_app(data_dir: Path, **options: Any):
     """An app with the stub adapter (no torch in its worker), its workers ready."""
     settings = ServeSettings(checkpoint=str(stub_checkpoint(data_dir.parent)), model="stub:Model",
                              data_dir=data_dir, adapter="serve_stub:StubPredictor", heatmaps=("cam",),
-                             **options)  # fmt: skip
+                             **{"argon2": CHEAP_ARGON2, **options})  # fmt: skip
     app = create_app(settings)
     assert app.extensions["lightning_streaming"].pool.wait_ready(60), app.extensions["lightning_streaming"].pool.state
     return app

@@ -144,3 +144,25 @@ def test_load_20_uploads_from_5_users_at_once(tmp_path, example_slides, record_p
     record_property("peak_rss_mib", [round(p / 2**20) for p in peaks])
     print(f"load: 20 uploads from 5 users finished in {report.seconds:.1f} s; peak RSS server/workers "
           f"{[round(p / 2**20) for p in peaks]} MiB")  # fmt: skip
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
+    import subprocess
+
+    import torch
+
+    marker = tmp_path / "the checkpoint ran code"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch '{marker}'",))
+
+    checkpoint = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": Payload()}, checkpoint)
+    served = subprocess.run(
+        [sys.executable, "-m", "lightning_streaming", "serve", "--checkpoint", str(checkpoint), "--model", REAL_MODEL,
+         "--port", "0", "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+    )  # fmt: skip
+    assert served.returncode == 2 and "could not load the model" in served.stderr, served.stderr[-3000:]
+    assert "weights_only" in served.stderr and not marker.exists()

@@ -60,6 +60,16 @@ def test_session_cookie_is_httponly_samesite_and_secure_over_https(app):
     assert "Strict-Transport-Security" in secure.headers
 
 
+def test_passwords_are_hashed_with_argon2id_at_rfc_9106_strength_by_default():
+    from lightning_streaming.serve import ServeSettings
+    from lightning_streaming.serve.passwords import Passwords
+
+    hashed = Passwords(*ServeSettings(checkpoint="c", model="m:M").argon2).hash("correct horse battery")
+    assert hashed.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    with pytest.raises(ValueError, match="too weak"):
+        Passwords(1, 1024, 1)
+
+
 def test_password_is_stored_as_an_argon2_hash_and_never_logged(app, data, caplog):
     secret = "my very secret password 42"
     with caplog.at_level(logging.DEBUG):

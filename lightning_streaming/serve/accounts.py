@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import re
 
+from flask import current_app
 from flask_login import LoginManager
 from sqlalchemy import func, select
 
 from .database import User, db
-from .passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
+from .passwords import Passwords
 
 __all__ = ["AccountError", "login_manager", "register", "authenticate", "USERNAME_RULE", "PASSWORD_RULE"]
 
@@ -41,6 +42,10 @@ class AccountError(ValueError):
         self.status = status
 
 
+def _passwords() -> Passwords:
+    return current_app.extensions["lightning_streaming"].passwords
+
+
 def normalise(username: str) -> str:
     return (username or "").strip()
 
@@ -63,7 +68,7 @@ def register(username: str, password: str) -> User:
         raise AccountError(f"Password: {PASSWORD_RULE}.", "password")
     if find(username) is not None:
         raise AccountError("That user name is taken; choose another.", "username", status=409)
-    user = User(username=username, password_hash=hash_password(password))
+    user = User(username=username, password_hash=_passwords().hash(password))
     db.session.add(user)
     db.session.commit()
     log.info("registered user %s", username)
@@ -76,13 +81,14 @@ def authenticate(username: str, password: str) -> User | None:
     user = find(username)
     if not isinstance(password, str) or len(password) > PASSWORD_MAX:
         return None
+    passwords = _passwords()
     if user is None:
-        verify_password(DUMMY_HASH, password)
+        passwords.verify(passwords.dummy_hash, password)
         return None
-    if not verify_password(user.password_hash, password):
+    if not passwords.verify(user.password_hash, password):
         return None
-    if needs_rehash(user.password_hash):
-        user.password_hash = hash_password(password)
+    if passwords.needs_rehash(user.password_hash):
+        user.password_hash = passwords.hash(password)
         db.session.commit()
     return user
 

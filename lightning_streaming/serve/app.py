@@ -17,6 +17,7 @@ from .api import api
 from .database import db, sqlite_pragmas
 from .errors import install_error_handlers, wants_json
 from .pages import pages
+from .passwords import Passwords
 from .pool import WorkerPool
 from .security import install_security
 from .settings import DataDir, ServeSettings
@@ -28,12 +29,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Service:
-    """What one app holds beside Flask: its settings, data directory, pool and rate limiter."""
+    """What one app holds beside Flask: its settings, data directory, pool, rate limiter and
+    password hasher."""
 
     settings: ServeSettings
     data: DataDir
     pool: WorkerPool
     limiter: Limiter
+    passwords: Passwords
 
 
 def create_app(settings: ServeSettings, *, start_workers: bool = True) -> Flask:
@@ -76,7 +79,8 @@ def create_app(settings: ServeSettings, *, start_workers: bool = True) -> Flask:
         return redirect(url_for("pages.login", next=request.path))
 
     pool = WorkerPool(app, settings, data)
-    app.extensions["lightning_streaming"] = Service(settings, data, pool, limiter)
+    passwords = Passwords(*settings.argon2)
+    app.extensions["lightning_streaming"] = Service(settings, data, pool, limiter, passwords)
     if start_workers:
         pool.start()
     return app

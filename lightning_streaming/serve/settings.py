@@ -45,6 +45,8 @@ class ServeSettings:
             (so cookies get ``Secure`` behind an HTTPS proxy); ``None`` trusts none.
         adapter: the prediction adapter, ``"module:Class"`` (the service's thin layer over
             the inference API; tests of the web layer swap in a stand-in).
+        argon2: the password hash's ``(passes, memory in KiB, lanes)``; the default is RFC
+            9106's second recommended set.
     """
 
     checkpoint: str
@@ -61,6 +63,7 @@ class ServeSettings:
     heatmaps: tuple[str, ...] = ("cam", "saliency")
     trusted_proxy: str | None = None
     adapter: str = "lightning_streaming.serve.predictor:StreamingPredictor"
+    argon2: tuple[int, int, int] = (3, 65536, 4)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()

@@ -73,13 +73,13 @@ class DuplexPipe:
 def worker_main(conn: Any, adapter: str, checkpoint: str, model: Any, heatmaps: tuple[str, ...],
                 threads: int) -> None:  # fmt: skip
     """The worker's life: load, say ready (with the model's description), then serve jobs
-    until it receives ``None`` or its pipe closes."""
-    import torch
-
-    torch.set_num_threads(max(1, threads))
+    until it receives ``None`` or its pipe closes. ``threads``: intra-op threads for torch."""
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads))  # read by torch when the adapter imports it
     try:
         predictor = load_adapter(adapter)(checkpoint, model, heatmaps=heatmaps)
         info = predictor.info()
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(max(1, threads))
     except Exception as error:  # noqa: BLE001 - reported to the server, which says it on /healthz
         log.exception("could not load the model")
         conn.send(("load_error", f"could not load the model from {checkpoint}: {type(error).__name__}: {error}"))
