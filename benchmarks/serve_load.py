@@ -150,7 +150,7 @@ def run_load(url: str, images: Sequence[bytes], users: int = 5, per_user: int = 
             upload.answer = sessions[upload.user].get(f"{url}/api/predictions/{upload.id}", timeout=60).json()
             if upload.answer["status"] in ("done", "failed"):
                 break
-            time.sleep(0.25)
+            time.sleep(1.0)  # as the result page polls
         upload.seconds = time.perf_counter() - begun
 
     t0 = time.perf_counter()

@@ -80,12 +80,12 @@ class Prediction(db.Model):
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True, nullable=False)
     progress: Mapped[float] = mapped_column(default=0.0, nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
-    image: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # facts read from the file
+    image: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # facts read from the file
     label: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    probabilities: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     value: Mapped[float | None] = mapped_column(nullable=True)
-    files: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # download name -> file under results/<id>/
-    layers: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # what the result page shows
+    files: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # download name -> file under results/<id>/
+    layers: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # what the result page shows
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True, nullable=False)
     started: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

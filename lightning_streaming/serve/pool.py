@@ -169,6 +169,7 @@ class WorkerPool:
         if self._wake.is_set() or any(w.ready and w.job is None for w in self._workers):
             self._wake.clear()
             self._admit()
+        self._inspect_ahead()
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -261,6 +262,16 @@ class WorkerPool:
             if not self.budget.fits(need):
                 return  # wait for running jobs to finish (first come, first served)
             self._assign(idle, prediction, need)
+
+    def _inspect_ahead(self) -> None:
+        """Open the oldest queued file not yet inspected while the workers are busy, so a worker
+        that comes free starts its next job at once (one file per tick)."""
+        prediction = db.session.scalar(
+            select(Prediction).where(Prediction.status == "queued", Prediction.image.is_(None))
+            .order_by(Prediction.created).limit(1)
+        )  # fmt: skip
+        if prediction is not None:
+            self._estimate(prediction)
 
     def _estimate(self, prediction: Prediction) -> int | None:
         """The job's memory need, inspecting the file first if not yet done; None (and the
