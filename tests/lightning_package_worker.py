@@ -177,6 +177,27 @@ def check_checkpoints(slides: dict, work: Path) -> None:
     ok("checkpoints")
 
 
+def check_predict(slides: dict, work: Path) -> None:
+    """The checkpoint records classes and spacing from the DataModule; the model loads with
+    ls.load_model and predicts an unlabelled manifest through PredictionWriter (this
+    package's BasePredictionWriter)."""
+    path = work / "checkpoints" / "last.ckpt"
+    record = torch.load(path)["lightning_streaming"]
+    assert record["classes"] == ["tissue", "zoomed"] and record["spacing"] == 4.0, record
+    model = ls.load_model(path, Model)
+    assert ls.model_info(model).classes == ["tissue", "zoomed"] and not model.training
+    manifest = work / "predict.csv"
+    manifest.write_text(f"slide\n{slides['cmu_small_region']}\n")
+    data = ls.SlideDataModule(predict=manifest, spacing=16.0, tissue=None)
+    writer = ls.PredictionWriter(work / "predictions")
+    assert isinstance(writer, P.callbacks.BasePredictionWriter)
+    outputs = P.Trainer(strategy=ls.StreamingStrategy(tile_size=TILE), callbacks=[writer], **quiet()).predict(model, data)
+    assert outputs[0]["slides"] == [slides["cmu_small_region"]] and outputs[0]["probabilities"].shape == (1, 2)
+    lines = (work / "predictions" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "slide,label,p_tissue,p_zoomed,spacing_um" and len(lines) == 2, lines
+    ok("predict")
+
+
 def check_both_packages() -> None:
     """Both packages imported: each Trainer takes its own variant, and every variant is an
     instance of the public names."""
@@ -207,5 +228,6 @@ if __name__ == "__main__":
         check_ddp_names()
         check_lsuv()
         check_checkpoints(json.loads(slides_json), work_dir)
+        check_predict(json.loads(slides_json), work_dir)
         if MODE == "lightning":
             check_ddp_spawn()

@@ -4,7 +4,8 @@ Each runs in its own interpreter with the other blocked (lightning_package_worke
 model on that package's LightningModule trains under ``Trainer(strategy="streaming")`` and
 under an instance of our strategy with its trunk seeing tiles, StreamingLSUV runs and shows
 its table, the DDP names resolve, and a SlideDataModule run's checkpoint loads with PyTorch's
-defaults, rebuilds the model and the DataModule, and resumes; under ``lightning`` two gloo
+defaults, rebuilds the model and the DataModule, and resumes, and the model it saved predicts
+through PredictionWriter; under ``lightning`` two gloo
 processes also train through Lightning's spawn launcher. A third interpreter imports both.
 """
 
@@ -19,8 +20,8 @@ import pytest
 
 WORKER = Path(__file__).with_name("lightning_package_worker.py")
 CHECKS = {
-    "lightning": ["train_by_name", "train_instance", "ddp_names", "lsuv", "checkpoints", "ddp_spawn"],
-    "pytorch_lightning": ["train_by_name", "train_instance", "ddp_names", "lsuv", "checkpoints"],
+    "lightning": ["train_by_name", "train_instance", "ddp_names", "lsuv", "checkpoints", "predict", "ddp_spawn"],
+    "pytorch_lightning": ["train_by_name", "train_instance", "ddp_names", "lsuv", "checkpoints", "predict"],
     "both": ["both"],
 }
 

@@ -60,3 +60,32 @@ except ModuleNotFoundError as error:
 """
     result = run_python(code)
     assert result.returncode == 0 and "needs PyTorch Lightning: pip install lightning" in result.stdout, result.stderr
+
+
+def test_predicting_with_a_plain_pytorch_model_imports_no_lightning(tmp_path):
+    code = f"""
+import sys
+import numpy as np
+import torch
+from PIL import Image
+import lightning_streaming as ls
+
+class Net(ls.StreamingMixin, torch.nn.Module):  # no Lightning at all
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        self.tile_transform = ls.Uint8Normalize([0.5] * 3, [0.2] * 3)
+
+Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8)).save({str(tmp_path)!r} + "/a.png")
+torch.save(Net().state_dict(), {str(tmp_path)!r} + "/net.pt")
+model = ls.load_model({str(tmp_path)!r} + "/net.pt", Net)
+model.model_info = ls.ModelInfo(classes=["x", "y"], spacing=1.0)
+prediction = ls.predict_slide(model, {str(tmp_path)!r} + "/a.png", heatmaps=("saliency", "cam"), tissue=None)
+ls.write_prediction(prediction, {str(tmp_path)!r} + "/out")
+loaded = [m for m in ("lightning", "pytorch_lightning", "lightning_fabric") if m in sys.modules]
+assert not loaded, loaded
+print(prediction.label)
+"""
+    result = run_python(code)
+    assert result.returncode == 0 and result.stdout.strip() in ("x", "y"), result.stderr[-3000:]

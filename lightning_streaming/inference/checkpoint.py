@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,12 +40,16 @@ def resolve_class(model_class: type | str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if not error.name or module_name.split(".")[0] != error.name.split(".")[0] or os.getcwd() in sys.path:
-            raise
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: modules of the folder you run in
+        missing = (error.name or "").split(".")[0]
+        if missing != module_name.split(".")[0]:
+            raise  # the module exists but imports something that is not installed
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: modules of the folder you run in
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as again:
+            if (again.name or "").split(".")[0] != missing:
+                raise
             raise ModuleNotFoundError(
                 f"cannot import {module_name!r} (for the model class {model_class!r}) from {os.getcwd()} or the "
                 "installed packages: run from the folder that holds it, or install it",
@@ -69,16 +72,22 @@ def _read(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise _unreadable(path, error) from error
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds Python objects other than tensors and plain data, which are not loaded "
             f"(weights_only=True, PyTorch's default: loading them could run code from the file). Re-save it with "
             f"plain hyperparameters (lightning_streaming's classes save plain data). Details: {error}"
         ) from error
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); it may be "
-            "truncated or another kind of file"
-        ) from error
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types on a file that is not a checkpoint
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{str(path)!r} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); it may be truncated "
+        "or another kind of file"
+    )
 
 
 def _init_arguments(cls: type, hparams: Mapping[str, Any]) -> dict[str, Any]:

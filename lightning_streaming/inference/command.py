@@ -36,9 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: saliency cam)")  # fmt: skip
     parser.add_argument("--heatmap-spacing", type=float, help="um per heatmap pixel (default: about 1024 px on a "
                         "slide's long side)")  # fmt: skip
-    parser.add_argument("--tile-size", type=int, help="tile size of the streamed forward (default: twice the model's "
-                        "training tile)")  # fmt: skip
-    parser.add_argument("--saliency-tile-size", type=int, help="tile size of the saliency backward")
+    parser.add_argument("--tile-size", type=int, help="tile size of the streamed forward (default: the largest within "
+                        "--memory-budget)")  # fmt: skip
+    parser.add_argument("--saliency-tile-size", type=int, help="tile size of the saliency backward (default: "
+                        "--tile-size, else the largest within --memory-budget)")  # fmt: skip
+    parser.add_argument("--memory-budget", help="memory one tile may use when tile sizes are chosen, e.g. 2GiB "
+                        "(default: a quarter of the memory available)")  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--base-spacing", type=float, help="um per pixel of images that record none (default: the "
                         "model's spacing)")  # fmt: skip
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
             with progress_bar(label, enabled=args.progress and not args.quiet) as progress:
                 prediction = predict_slide(
                     model, slide, args.spacing, heatmaps=heatmaps, heatmap_spacing=args.heatmap_spacing,
-                    tile_size=args.tile_size, saliency_tile_size=args.saliency_tile_size, base_spacing=base_spacing,
+                    tile_size=args.tile_size, saliency_tile_size=args.saliency_tile_size,
+                    memory_budget=args.memory_budget, base_spacing=base_spacing,
                     tissue=None if args.no_tissue else TissueDetection(), progress=progress,
                 )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - one bad slide must not stop the others

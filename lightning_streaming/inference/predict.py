@@ -21,10 +21,11 @@ from ..data.slide import Slide
 from ..data.source import SlideRegionSource
 from ..data.tissue import TissueDetection
 from ..lightning.info import ModelInfo, model_info
-from ..lightning.settings import DEFAULT_TILE_SIZE
+from ..lightning.auto_tile import auto_tile_size, parse_bytes
 from .explain import check_heatmap_kinds, explain
 from .geometry import HeatmapGrid, Pooler, Pooling
 from .records import Heatmap, SlidePrediction
+from .tiles import default_memory_budget, inference_tile_size
 
 __all__ = ["predict_slide", "predict_slides", "predict_views"]
 
@@ -69,14 +70,31 @@ def _default_heatmap_spacing(size: tuple[int, int], spacing: float) -> float:
     return max(spacing, max(size) * spacing / DEFAULT_HEATMAP_SIDE)
 
 
-def tile_sizes(model: nn.Module, tile_size: int | None, saliency_tile_size: int | None) -> tuple[int, int]:
-    """Forward and saliency tile sizes: the forward keeps no graph, so by default its tiles
-    are twice the model's training tile (``default_tile_size``, else 1024); saliency keeps
-    one tile's graph, so it uses ``tile_size`` or the training tile."""
-    default = getattr(model, "default_tile_size", None) or DEFAULT_TILE_SIZE
-    default = default if isinstance(default, int) else max(default)
-    forward = tile_size if tile_size is not None else 2 * default
-    return forward, saliency_tile_size if saliency_tile_size is not None else (tile_size or default)
+def tile_sizes(
+    model: nn.Module,
+    shape: Sequence[int],
+    tile_size: int | None,
+    saliency_tile_size: int | None,
+    memory_budget: int | str | None,
+    saliency: bool,
+) -> tuple[int, int | None]:
+    """Forward and saliency tile sizes for an input of ``shape``. Given sizes win. Else,
+    within ``memory_budget`` (default: a quarter of the memory available on the trunk's
+    device): the forward keeps no graph, so its tile is the largest whose live activations
+    fit (:func:`inference_tile_size`); saliency keeps one tile's graph, so its tile is
+    :func:`~lightning_streaming.auto_tile_size`'s (``tile_size`` when that is given)."""
+    trunk = model.streaming_split()[0]  # type: ignore[operator]
+    parameter = next(iter(trunk.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else default_memory_budget(device)
+    forward = tile_size if tile_size is not None else inference_tile_size(trunk, shape, budget)
+    if not saliency:
+        return forward, None
+    backward = saliency_tile_size if saliency_tile_size is not None else tile_size
+    if backward is None:
+        dtype = parameter.dtype if parameter is not None else torch.float32
+        backward = auto_tile_size(trunk, shape, budget, input_dtype=dtype, input_grad=True)
+    return forward, backward
 
 
 def probabilities_of(info: ModelInfo, output: Tensor) -> list[float]:
@@ -118,6 +136,7 @@ def predict_views(
     heatmap_spacing: float | None = None,
     tile_size: int | None = None,
     saliency_tile_size: int | None = None,
+    memory_budget: int | str | None = None,
     reduction: str = "max_abs",
     pooling: Pooling = "mean",
     progress: Callable[[float], None] | None = None,
@@ -132,7 +151,9 @@ def predict_views(
     """
     info = model_info(model)
     kinds = check_heatmap_kinds(heatmaps, model.streaming_split()[1])  # type: ignore[operator]
-    forward_tile, saliency_tile = tile_sizes(model, tile_size, saliency_tile_size)
+    forward_tile, saliency_tile = tile_sizes(
+        model, images.shape, tile_size, saliency_tile_size, memory_budget, "saliency" in kinds
+    )
     if slides is None:
         slides = [Slide(v.path, base_spacing=v.base_spacing) if os.path.isfile(v.path) else None for v in views]
     grids, poolers = [], []
@@ -146,7 +167,7 @@ def predict_views(
         poolers.append({k: Pooler(grid, rows, cols, pooling if k == "saliency" else "mean") for k in kinds})
     start = time.perf_counter()
     outputs = explain(
-        model, images, poolers, task=str(info.task), tile_size=forward_tile, saliency_tile_size=saliency_tile,
+        model, images, poolers, task=str(info.task), tile_size=forward_tile, saliency_tile_size=saliency_tile or 0,
         reduction=reduction, progress=progress,
     )  # fmt: skip
     seconds = (time.perf_counter() - start) / max(1, len(views))
@@ -203,6 +224,7 @@ def predict_slide(
     progress: Callable[[float], None] | None = None,
     tissue: TissueDetection | None = TissueDetection(),
     saliency_tile_size: int | None = None,
+    memory_budget: int | str | None = None,
     reduction: Literal["max_abs", "l2"] = "max_abs",
     pooling: Pooling = "mean",
 ) -> SlidePrediction:
@@ -227,16 +249,19 @@ def predict_slide(
         spacing: um per pixel to read the slide at; None: the model's training spacing.
         heatmaps: which heatmaps to make (any of ``"saliency"``, ``"cam"``, ``"attention"``).
         heatmap_spacing: um per heatmap pixel; None: about 1024 px on the slide's long side.
-        tile_size: tile size of the forward pass (default twice the model's training tile:
-            no graph is kept) and of the saliency pass when given.
+        tile_size: tile size of the forward pass, and of the saliency pass when given.
+            Default: the largest tile within ``memory_budget`` (no graph is kept, so a
+            forward tile can be far larger than a training tile).
         device: where the model runs (it is moved there); None: where it is.
         base_spacing: um per pixel to assume for an image that records none (default: the
             model's spacing).
         progress: called with the fraction done (0..1) as tiles finish.
         tissue: tissue detection (the prediction covers the tissue's bounding box); None
             for the whole slide.
-        saliency_tile_size: tile size of the saliency pass (default: ``tile_size`` or the
-            model's training tile).
+        saliency_tile_size: tile size of the saliency pass (default: ``tile_size``, else the
+            largest whose tile-by-tile backward fits ``memory_budget``).
+        memory_budget: bytes (or ``"2GiB"``) one tile may use when the tile sizes are chosen
+            for you; default: a quarter of the memory available on the model's device.
         reduction, pooling: see ``"saliency"`` above.
 
     Returns:
@@ -277,8 +302,8 @@ def predict_slide(
     source_image = SlideRegionSource(slide, spacing, layout)
     (prediction,) = predict_views(
         model, source_image, [view], slides=[slide], heatmaps=heatmaps, heatmap_spacing=heatmap_spacing,
-        tile_size=tile_size, saliency_tile_size=saliency_tile_size, reduction=reduction, pooling=pooling,
-        progress=progress,
+        tile_size=tile_size, saliency_tile_size=saliency_tile_size, memory_budget=memory_budget, reduction=reduction,
+        pooling=pooling, progress=progress,
     )  # fmt: skip
     return prediction
 

@@ -49,7 +49,7 @@ def streamed_saliency(
     transform: Callable[[Tensor], Tensor] | None = None,
     tile_device: torch.device | str | None = None,
     on_tile: Callable[[int, int], None] | None = None,
-) -> None:
+) -> int:
     """Reduce the input gradient of ``sum(grad_outputs * trunk(image))`` over channels, pixel
     by pixel, handing each finished block to ``sink(row, col, values)`` (``values``:
     float64 ``(N, h, w)``) as soon as no later tile touches it.
@@ -75,6 +75,10 @@ def streamed_saliency(
             (the normalised pixels).
         tile_device: device of the tiles (default: the trunk's).
         on_tile: called with ``(tiles done, tiles in all)`` after each tile.
+
+    Returns:
+        The most gradient values held at once between tiles (summed cells waiting for
+        later tiles), a check of the memory bound.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"saliency reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
@@ -83,7 +87,7 @@ def streamed_saliency(
     plan = tile_plan(trunk, image.shape, tile_size)
     (ys, row_cover), (xs, col_cover) = _cells(plan.segments[0]), _cells(plan.segments[1])
     pending: dict[tuple[int, int], list[Any]] = {}  # cell -> [summed gradient, tiles still to come]
-    total = len(plan)
+    total, held = len(plan), 0
     for done, (region, gradient) in enumerate(
         input_gradients(trunk, image, tile_size, grad_outputs, tile_device=tile_device, transform=transform), 1
     ):
@@ -110,7 +114,9 @@ def streamed_saliency(
                 else:
                     pending[(i, j)] = cell
         del gradient
+        held = max(held, sum(cell[0].numel() for cell in pending.values()))
         if on_tile is not None:
             on_tile(done, total)
     if pending:
         raise RuntimeError(f"internal error: {len(pending)} saliency cells were not finished")
+    return held

@@ -37,8 +37,8 @@ class PredictionWriter(LightningTyped, lightning_base="callbacks.BasePredictionW
         output_dir: the folder to write to (created; refused at once if not writable).
         heatmaps: any of ``"saliency"``, ``"cam"``, ``"attention"``; () for predictions only.
         heatmap_spacing: um per heatmap pixel (None: about 1024 px on the slide's long side).
-        tile_size, saliency_tile_size: tile sizes of the heatmaps' passes (see
-            :func:`~lightning_streaming.predict_slide`).
+        tile_size, saliency_tile_size, memory_budget: tile sizes of the heatmaps' passes
+            (see :func:`~lightning_streaming.predict_slide`).
         opacity: of the overlays' strongest values.
 
     Example::
@@ -56,6 +56,7 @@ class PredictionWriter(LightningTyped, lightning_base="callbacks.BasePredictionW
         heatmap_spacing: float | None = None,
         tile_size: int | None = None,
         saliency_tile_size: int | None = None,
+        memory_budget: int | str | None = None,
         opacity: float = 0.5,
     ) -> None:
         super().__init__(write_interval="batch")
@@ -65,6 +66,7 @@ class PredictionWriter(LightningTyped, lightning_base="callbacks.BasePredictionW
             raise ValueError(f"opacity must be between 0 and 1, got {opacity!r}")
         self.heatmap_spacing, self.opacity = heatmap_spacing, opacity
         self.tile_size, self.saliency_tile_size = tile_size, saliency_tile_size
+        self.memory_budget = memory_budget
         self.predictions: list[SlidePrediction] = []
         self._names: set[str] = set()
 
@@ -110,7 +112,7 @@ class PredictionWriter(LightningTyped, lightning_base="callbacks.BasePredictionW
             made = predict_views(
                 pl_module, images, views, targets=_target_names(pl_module, prediction), heatmaps=self.heatmaps,
                 heatmap_spacing=self.heatmap_spacing, tile_size=self.tile_size,
-                saliency_tile_size=self.saliency_tile_size,
+                saliency_tile_size=self.saliency_tile_size, memory_budget=self.memory_budget,
             )  # fmt: skip
         for item, slide in zip(made, prediction["slides"]):
             item.slide = slide

@@ -221,7 +221,7 @@ class StreamingMixin:
         """
         images, targets, slides = _unpack_batch(batch)
         if slides is None:
-            slides = _batch_identities(self, batch_idx, _batch_size(images))
+            slides = _batch_identities(self, batch_idx, dataloader_idx, _batch_size(images))
         outputs = self(images)
         if not isinstance(outputs, Tensor):
             raise TypeError(
@@ -304,10 +304,16 @@ def _batch_size(images: Any) -> int:
     return int(images.shape[0]) if hasattr(images, "shape") else len(images)
 
 
-def _batch_identities(model: Any, batch_idx: int, size: int) -> list[str]:
-    """Dataset indices of the batch's samples when Lightning tracks them, else ``batch:item``."""
+def _batch_identities(model: Any, batch_idx: int, dataloader_idx: int, size: int) -> list[str]:
+    """Dataset indices of the batch's samples (Lightning records them for predict loaders),
+    else ``"batch:item"``."""
     trainer = getattr(model, "_trainer", None)
-    indices = getattr(getattr(trainer, "predict_loop", None), "current_batch_indices", None)
+    try:
+        loaders = trainer.predict_dataloaders  # type: ignore[union-attr]
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        indices = loader.batch_sampler.seen_batch_indices[batch_idx]
+    except (AttributeError, IndexError, TypeError, KeyError):
+        indices = None
     if isinstance(indices, (list, tuple)) and len(indices) == size and all(isinstance(i, int) for i in indices):
         return [str(i) for i in indices]
     return [f"{batch_idx}:{i}" for i in range(size)]
