@@ -109,32 +109,34 @@ class LiveServer:
 
 
 REPO = TESTS.parent
-REAL_MODEL = "examples.slide_demo:SlideClassifier"
+REAL_MODEL = "serve_model:TinyClassifier"  # tests/serve_model.py: plain PyTorch, quick to import
 REAL_CLASSES = ("benign", "tumour")
 REAL_SPACING = 2.0  # um/px of the tiny real model: the example region is 554 x 740 px there
 
 
 def real_checkpoint(folder: Path) -> Path:
-    """The demo's streaming classifier (seeded, untrained: small and deterministic), saved as
-    a Lightning checkpoint of plain data with its inference record (classes, spacing)."""
-    import sys
-
+    """The tests' streaming classifier (seeded, untrained: small and deterministic), saved as
+    a checkpoint of plain data with its inference record (classes, spacing, normalisation)."""
     import torch
 
     import lightning_streaming as ls
-
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from examples.slide_demo import SlideClassifier
+    from serve_model import TinyClassifier
 
     mean, std = [0.80, 0.62, 0.76], [0.12, 0.18, 0.12]
-    model = SlideClassifier(mean, std)
+    model = TinyClassifier(mean, std)
     info = ls.ModelInfo(classes=list(REAL_CLASSES), task="classification", spacing=REAL_SPACING, mean=mean, std=std,
                         model_class=REAL_MODEL)  # fmt: skip
     path = folder / "tiny.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"mean": mean, "std": std},
                 "lightning_streaming": info.to_dict()}, path)  # fmt: skip
     return path
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """Environment for a server started as a command: the tests' model importable."""
+    import os
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), **extra}
 
 
 def real_app(data_dir: Path, **options: Any):

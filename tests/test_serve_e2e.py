@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 from serve_helpers import (
-    PASSWORD, REAL_MODEL, REPO, account, real_app, real_checkpoint, region_png, upload, wait_done,
+    PASSWORD, REAL_MODEL, REPO, account, real_app, real_checkpoint, server_env, upload, wait_done,
 )  # fmt: skip
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 def test_results_are_the_inference_apis_with_every_download(tmp_path, example_slides):
     app, classes = real_app(tmp_path / "data")
     try:
-        image = region_png(example_slides.cmu_small_region, app, tmp_path / "region.png")
+        image = tmp_path / "region.png"
+        image.write_bytes(serve_load.example_crops(example_slides.cmu_small_region, 2.0, 1, size=256)[0])
         c = account(app, "reader")
         answer = wait_done(c, upload(c, image.read_bytes(), "region.png"), timeout=300)
         assert answer["status"] == "done", answer
@@ -70,12 +71,11 @@ def _alive(pid: int) -> bool:
 
 def _isolated_env(root):
     """HOME, the temporary folder and the caches pointed at empty folders we can inspect."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env = {k: v for k, v in server_env().items() if not k.startswith("XDG_")}
     folders = {name: root / name for name in ("home", "tmp", "cwd")}
     for folder in folders.values():
         folder.mkdir()
-    env.update(HOME=str(folders["home"]), TMPDIR=str(folders["tmp"]), PYTHONPATH=str(REPO),
-               PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+    env.update(HOME=str(folders["home"]), TMPDIR=str(folders["tmp"]), PYTHONDONTWRITEBYTECODE="1")
     return env, folders
 
 
@@ -127,8 +127,8 @@ def test_load_20_uploads_from_5_users_at_once(tmp_path, example_slides, record_p
     checkpoint = real_checkpoint(tmp_path)
     images = serve_load.example_crops(example_slides.cmu_small_region, 2.0, 20, size=128)
     expected = serve_load.expected_probabilities(checkpoint, REAL_MODEL, images, tmp_path / "images")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with serve_load.ServerProcess(checkpoint, REAL_MODEL, tmp_path / "data", workers=2, env=env, cwd=REPO) as server:
+    with serve_load.ServerProcess(checkpoint, REAL_MODEL, tmp_path / "data", workers=2, env=server_env(),
+                                  cwd=REPO) as server:  # fmt: skip
         report = serve_load.run_load(server.url, images, users=5, per_user=4)
         workers = server.worker_pids()
         peaks = [serve_load.peak_rss(pid) for pid in [server.process.pid, *workers]]
@@ -162,7 +162,7 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
     served = subprocess.run(
         [sys.executable, "-m", "lightning_streaming", "serve", "--checkpoint", str(checkpoint), "--model", REAL_MODEL,
          "--port", "0", "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+        capture_output=True, text=True, timeout=300, env=server_env(), cwd=REPO,
     )  # fmt: skip
     assert served.returncode == 2 and "could not load the model" in served.stderr, served.stderr[-3000:]
     assert "weights_only" in served.stderr and not marker.exists()

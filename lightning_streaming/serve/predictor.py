@@ -13,6 +13,7 @@ __all__ = ["StreamingPredictor", "describe_files"]
 log = logging.getLogger(__name__)
 
 _OVERLAY_OPACITY = 0.5
+_PNG_COMPRESSION = 1  # zlib's fastest: the page's pictures are made per upload, and the default level costs seconds
 
 
 class StreamingPredictor:
@@ -68,9 +69,9 @@ class StreamingPredictor:
                      "overlay": f"overlay_{kind}.png"}  # fmt: skip
             # The page blends the image and the heatmap's colours itself (opacity slider, toggle):
             # the overlay at opacity 0 and 1 are exactly those two layers.
-            ls.render_overlay(prediction, heatmap=kind, opacity=0.0).save(out_dir / names["base"])
-            ls.render_overlay(prediction, heatmap=kind, opacity=1.0).save(out_dir / names["color"])
-            ls.render_overlay(prediction, heatmap=kind, opacity=_OVERLAY_OPACITY).save(out_dir / names["overlay"])
+            for layer, opacity in (("base", 0.0), ("color", 1.0), ("overlay", _OVERLAY_OPACITY)):
+                picture = ls.render_overlay(prediction, heatmap=kind, opacity=opacity)
+                picture.save(out_dir / names[layer], compress_level=_PNG_COMPRESSION)
             layers[kind] = names
         probabilities = getattr(prediction, "probabilities", None)
         value = getattr(prediction, "value", None)
