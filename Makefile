@@ -1,4 +1,5 @@
-# Quick start: `make demo` (set-up, then a streaming model trained on a real slide), `make test`.
+# Quick start: `make demo` (set-up, then a streaming model trained on a real slide, then whole-slide
+# predictions and heatmaps with it in results/demo/), `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo demo-stream serve test bench bench-slide bench-vs-lightstream equivalence resolution slide-level clean
+.PHONY: venv demo demo-stream serve test bench bench-slide bench-inference predict-large bench-vs-lightstream equivalence resolution slide-level clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,14 @@ bench-vs-lightstream: venv
 
 bench-slide: venv
 	$(PY) scripts/large_slide_step.py --size 20480 --memory-limit 4
+
+# Streamed no-grad prediction against the conventional forward (VGG-like, ResNet-18 body, 4096²).
+bench-inference: venv
+	$(PY) benchmarks/inference_speed.py
+
+# Prediction and a saliency heatmap of the generated 51200 x 51200 slide in bounded memory.
+predict-large: venv
+	$(PY) scripts/large_slide_predict.py
 
 # The paper's experiments in miniature (each a few minutes on 2 CPU cores; tables and plots in results/).
 equivalence: venv

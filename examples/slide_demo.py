@@ -180,7 +180,7 @@ def main() -> None:
     # 5. Use the trained model as a pathologist's tool would: from its checkpoint, on whole slides.
     args.results.mkdir(parents=True, exist_ok=True)
     checkpoint = args.results / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, weights_only=True)  # the weights and hyperparameters, no optimizer state
     model = ls.load_model(checkpoint, SlideClassifier)  # torch.load(weights_only=True): plain data only
     info = ls.model_info(model)
     print(f"\nsaved {checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint}: it records "

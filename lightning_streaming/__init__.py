@@ -141,5 +141,7 @@ __getattr__, __dir__ = lazy_attributes(
         **{n: ".data" for n in _DATA},
         **{n: ".inference" for n in _INFERENCE},
     },
-    lightning_typed=("StreamingDDPStrategy", "StreamingLSUV", "StreamingStrategy", "SlideDataModule", "PredictionWriter"),
+    lightning_typed=(
+        "StreamingDDPStrategy", "StreamingLSUV", "StreamingStrategy", "SlideDataModule", "PredictionWriter",
+    ),  # fmt: skip
 )

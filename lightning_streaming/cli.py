@@ -18,8 +18,14 @@ __all__ = ["COMMANDS", "main"]
 
 #: name -> (module, description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("lightning_streaming.inference.command", "predict slides with a trained model; write predictions, heatmaps and overlays"),
-    "serve": ("lightning_streaming.serve.cli", "a web page and JSON API: users upload images and see predictions and heatmaps"),
+    "predict": (
+        "lightning_streaming.inference.command",
+        "predict slides with a trained model; write predictions, heatmaps and overlays",
+    ),
+    "serve": (
+        "lightning_streaming.serve.cli",
+        "a web page and JSON API: users upload images and see predictions and heatmaps",
+    ),
 }  # fmt: skip
 
 

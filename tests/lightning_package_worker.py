@@ -191,7 +191,8 @@ def check_predict(slides: dict, work: Path) -> None:
     data = ls.SlideDataModule(predict=manifest, spacing=16.0, tissue=None)
     writer = ls.PredictionWriter(work / "predictions")
     assert isinstance(writer, P.callbacks.BasePredictionWriter)
-    outputs = P.Trainer(strategy=ls.StreamingStrategy(tile_size=TILE), callbacks=[writer], **quiet()).predict(model, data)
+    trainer = P.Trainer(strategy=ls.StreamingStrategy(tile_size=TILE), callbacks=[writer], **quiet())
+    outputs = trainer.predict(model, data)
     assert outputs[0]["slides"] == [slides["cmu_small_region"]] and outputs[0]["probabilities"].shape == (1, 2)
     lines = (work / "predictions" / "predictions.csv").read_text().splitlines()
     assert lines[0] == "slide,label,p_tissue,p_zoomed,spacing_um" and len(lines) == 2, lines

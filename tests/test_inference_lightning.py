@@ -130,3 +130,17 @@ def test_model_of_x_streams_an_input_larger_than_a_tile(monkeypatch):
     source = ls.TensorSource(small)
     torch.testing.assert_close(net(source), net.head(net.trunk(small)), rtol=1e-12, atol=1e-12)
     assert calls == [32, 24, 32]  # a lazy input is never read whole
+
+
+def test_after_a_conventional_fit_a_large_input_is_streamed(monkeypatch):
+    from lightning_streaming.lightning import mixin
+    from test_lightning_helpers import RankData
+
+    net = TinyClassifier()
+    net.default_tile_size = 32
+    calls = []
+    monkeypatch.setattr(mixin, "stream", lambda *a, **k: calls.append(a[2]) or ls.stream(*a, **k))
+    pl.Trainer(max_steps=1, **trainer_kwargs()).fit(net, RankData([(48, 40)], 2))  # any other strategy
+    assert calls == []  # while that Trainer runs, the trunk runs as it chose: conventionally
+    net.eval()(torch.randn(1, 3, 80, 64))
+    assert calls == [32]

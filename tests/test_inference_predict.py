@@ -113,7 +113,8 @@ def test_the_slide_is_read_tile_by_tile_at_the_prediction_spacing(slide_path, mo
 
     def recording(self, spacing, region=None):
         if spacing == SPACING:
-            reads.append(None if region is None else (region[0].stop - region[0].start) * (region[1].stop - region[1].start))
+            rows, cols = region if region is not None else (None, None)
+            reads.append(None if region is None else (rows.stop - rows.start) * (cols.stop - cols.start))
         return original(self, spacing, region)
 
     monkeypatch.setattr(ls.Slide, "read", recording)
@@ -248,14 +249,22 @@ def test_the_predict_command(trained, slide_path, tmp_path):
     assert (out / "tissue.cam.png").is_file() and (out / "tissue.cam.geojson").is_file()
     assert "classes ['normal', 'tumour']" in result.stdout
 
-    wrong = run_command("predict", "--checkpoint", str(path), "--model", "inference_models:OtherNet", str(slide_path),
-                        "--output", str(out))  # fmt: skip
-    assert wrong.returncode != 0 and "was saved from inference_models:SlideNet" in wrong.stderr
-    blocked = run_command("predict", "--checkpoint", str(path), "--model", "inference_models:SlideNet",
-                          str(slide_path), "--output", str(path / "out"))  # fmt: skip
-    assert blocked.returncode != 0 and "cannot write predictions to" in blocked.stderr
-    bad = run_command("predict", "--checkpoint", str(path), "--model", "inference_models:SlideNet", str(path),
-                      "--output", str(out), "--no-progress")  # fmt: skip
-    assert bad.returncode == 1 and "model.ckpt" in bad.stderr and "1 of 1 slide(s) failed" in bad.stderr
-    top = run_command("--help")
-    assert top.returncode == 0 and "predict" in top.stdout
+
+def test_the_predict_command_names_what_is_wrong(trained, slide_path, tmp_path, capsys, monkeypatch):
+    from lightning_streaming.cli import main
+
+    _, path = trained
+    monkeypatch.chdir(TESTS)
+    common = ["--checkpoint", str(path), "--output", str(tmp_path / "out"), "--no-progress", "--heatmaps"]
+    assert main(["predict", "--model", "inference_models:OtherNet", str(slide_path), *common]) == 2
+    error = capsys.readouterr().err
+    assert "error: checkpoint" in error and "was saved from inference_models:SlideNet, not" in error
+    blocked = ["--checkpoint", str(path), "--output", str(path / "out"), "--no-progress"]
+    assert main(["predict", "--model", "inference_models:SlideNet", str(slide_path), *blocked]) == 2
+    assert "cannot write predictions to" in capsys.readouterr().err
+    assert main(["predict", "--model", "inference_models:SlideNet", str(path), *common]) == 1  # not a slide
+    error = capsys.readouterr().err
+    assert "model.ckpt" in error and "1 of 1 slide(s) failed" in error
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0 and "predict" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from trunks import resnet_trunk
 import lightning_streaming as ls
 from lightning_streaming.inference.geojson import _fill, mask_polygons
 from lightning_streaming.inference.geometry import HeatmapGrid, Pooler
-from lightning_streaming.inference.saliency import reduce_channels, streamed_saliency
+from lightning_streaming.inference.saliency import streamed_saliency
 
 
 def dilated_trunk() -> nn.Sequential:
@@ -33,7 +33,8 @@ def conventional(trunk: nn.Module, pixels: torch.Tensor, grad_output: torch.Tens
     """The input gradient of sum(grad_output * trunk(pixels)), reduced the same way."""
     pixels = pixels.detach().requires_grad_()
     (gradient,) = torch.autograd.grad(trunk(pixels), pixels, grad_output)
-    return reduce_channels(gradient, reduction).numpy()
+    reduced = gradient.abs().amax(dim=1) if reduction == "max_abs" else gradient.pow(2).sum(dim=1).sqrt()
+    return reduced.numpy()
 
 
 def streamed(trunk, image, tile, grad_output, reduction, transform=None) -> tuple[np.ndarray, int]:

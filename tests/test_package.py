@@ -77,7 +77,8 @@ class Net(ls.StreamingMixin, torch.nn.Module):  # no Lightning at all
         self.head = torch.nn.Sequential(torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
         self.tile_transform = ls.Uint8Normalize([0.5] * 3, [0.2] * 3)
 
-Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8)).save({str(tmp_path)!r} + "/a.png")
+pixels = np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8)
+Image.fromarray(pixels).save({str(tmp_path)!r} + "/a.png")
 torch.save(Net().state_dict(), {str(tmp_path)!r} + "/net.pt")
 model = ls.load_model({str(tmp_path)!r} + "/net.pt", Net)
 model.model_info = ls.ModelInfo(classes=["x", "y"], spacing=1.0)

@@ -345,7 +345,9 @@ class SlideDataset(Dataset):
         offset = (0, 0)
         if self.input_size is not None:
             offset = tuple((n - s) // 2 for n, s in zip(layout.shape, self.input_size))  # the centre crop of _offset
-        view = SlideView(str(row.slide), self.spacing, row.base_spacing, layout.rows, layout.cols, offset, shape, row.line)
+        view = SlideView(
+            str(row.slide), self.spacing, row.base_spacing, layout.rows, layout.cols, offset, shape, row.line
+        )
         return image, row.target, view
 
     def _offset(

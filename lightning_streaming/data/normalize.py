@@ -72,7 +72,8 @@ class Uint8Normalize:
             self._constants[x.device] = (scale.to(x.device), shift.to(x.device))
         scale, shift = self._constants[x.device]
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x.to(self.dtype), scale.view(shape))
+        # In place on the converted copy: one float tile at a time, not two.
+        return x.to(self.dtype).mul_(scale.view(shape)).add_(shift.view(shape))
 
     def __repr__(self) -> str:
         return f"Uint8Normalize(mean={[round(m, 4) for m in self.mean]}, std={[round(s, 4) for s in self.std]})"

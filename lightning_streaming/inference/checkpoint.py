@@ -154,7 +154,9 @@ def load_model(
             + (f". It was saved from {saved_class}" if saved_class else ". Was it saved from another model class?")
         ) from error
     if result.missing_keys or result.unexpected_keys:
-        shown = lambda keys: ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")  # noqa: E731
+        def shown(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit {cls.__qualname__}: "
             + (f"its weights lack {shown(result.missing_keys)}" if result.missing_keys else "")

@@ -82,16 +82,25 @@ def run(args: argparse.Namespace) -> int:
     from .progress import progress_bar
     from ..lightning.info import model_info
 
-    out_dir = prepare_output_dir(args.output)  # before any work: a folder that cannot be written fails at once
-    device = torch.device(args.device or "cpu")
-    model = load_model(args.checkpoint, args.model, map_location=device)
-    info = model_info(model)
-    heatmaps = check_heatmap_kinds(args.heatmaps, model.streaming_split()[1])
+    from ..data.errors import SlideError
+    from .checkpoint import CheckpointError
+    from .outputs import OutputError
+
+    try:
+        out_dir = prepare_output_dir(args.output)  # before any work: a folder that cannot be written fails at once
+        device = torch.device(args.device or "cpu")
+        model = load_model(args.checkpoint, args.model, map_location=device)
+        info = model_info(model)
+        heatmaps = check_heatmap_kinds(args.heatmaps, model.streaming_split()[1])
+        jobs = _jobs(args, info.classes)
+    except (CheckpointError, OutputError, SlideError, ImportError, ValueError, RuntimeError) as error:
+        print(f"lightning-streaming predict: error: {error}", file=sys.stderr)
+        return 2
     say = (lambda *a: None) if args.quiet else print
     say(f"model: {type(model).__name__} from {args.checkpoint}; classes {info.classes}; trained at "
         f"{info.spacing if info.spacing is not None else '?'} um/px; task {info.task}")  # fmt: skip
     predictions, failed = [], []
-    for index, (slide, base_spacing, target) in enumerate(jobs := _jobs(args, info.classes), 1):
+    for index, (slide, base_spacing, target) in enumerate(jobs, 1):
         label = f"[{index}/{len(jobs)}] {slide.name}"
         try:
             with progress_bar(label, enabled=args.progress and not args.quiet) as progress:

@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from ..core import RegionSource, tile_plan
 from ..lightning.mixin import TrunkOverride, trunk_override
+from ..lightning.settings import TileSize
 from .cam import find_location_weights, grad_cam
 from .geometry import Pooler
 from .saliency import streamed_saliency
@@ -86,8 +87,8 @@ def explain(
     poolers: Sequence[Mapping[str, Pooler]],
     *,
     task: str = "classification",
-    tile_size: int,
-    saliency_tile_size: int,
+    tile_size: TileSize,
+    saliency_tile_size: TileSize,
     reduction: str = "max_abs",
     targets: Sequence[int] | None = None,
     progress: Callable[[float], None] | None = None,
@@ -185,7 +186,7 @@ def _heatmaps(
     poolers: Sequence[Mapping[str, Pooler]],
     kinds: set[str],
     task: str,
-    saliency_tile_size: int,
+    saliency_tile_size: TileSize,
     reduction: str,
     targets: Sequence[int] | None,
     device: torch.device,

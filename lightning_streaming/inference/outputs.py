@@ -125,7 +125,9 @@ def write_predictions(
         raise OutputError(f"writing predictions to {str(path)!r} failed: {error}") from error
 
 
-def write_prediction(prediction: SlidePrediction, out_dir: str | os.PathLike, *, opacity: float = 0.5) -> dict[str, Path]:
+def write_prediction(
+    prediction: SlidePrediction, out_dir: str | os.PathLike, *, opacity: float = 0.5
+) -> dict[str, Path]:
     """:func:`write_predictions` for one slide: ``predictions.csv``, ``predictions.json`` and
     the heatmap files in ``out_dir``; returns their paths by key (``"csv"``, ``"json"``,
     ``"saliency.npy"``, ``"saliency.png"``, ``"saliency.geojson"``, ...).

@@ -134,9 +134,11 @@ def render_overlay(
     scale = max(1.0, _MIN_SIDE / max(size)) if max(size) < _MIN_SIDE else min(1.0, _MAX_SIDE / max(size))
     shown = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
     level = np.clip((values - low) / (high - low), 0, 1)
-    colours = Image.fromarray(colorize(level, colormap)).resize(shown, Image.BILINEAR)
-    alpha = Image.fromarray(np.rint(255 * opacity * level).astype(np.uint8)).resize(shown, Image.BILINEAR)
-    picture = base.resize(shown, Image.LANCZOS)
+    # Much enlarged (a small image): show its pixels as they are rather than a blur.
+    smooth, sharp = (Image.NEAREST, Image.NEAREST) if scale >= 4 else (Image.BILINEAR, Image.LANCZOS)
+    colours = Image.fromarray(colorize(level, colormap)).resize(shown, smooth)
+    alpha = Image.fromarray(np.rint(255 * opacity * level).astype(np.uint8)).resize(shown, smooth)
+    picture = base.resize(shown, sharp)
     picture.paste(colours, (0, 0), alpha)
     region = _region_box(prediction, shown)
     if region is not None:
@@ -176,7 +178,8 @@ def analysed_pixels(prediction: SlidePrediction, heatmap: Heatmap) -> np.ndarray
     mask = np.zeros(heatmap.values.shape, dtype=bool)
     (r0, r1), (c0, c1) = prediction.region
     sy, sx = heatmap.values.shape[0] / prediction.size[0], heatmap.values.shape[1] / prediction.size[1]
-    mask[int(r0 * sy) : max(int(r0 * sy) + 1, int(np.ceil(r1 * sy))), int(c0 * sx) : max(int(c0 * sx) + 1, int(np.ceil(c1 * sx)))] = True
+    top, left = int(r0 * sy), int(c0 * sx)
+    mask[top : max(top + 1, int(np.ceil(r1 * sy))), left : max(left + 1, int(np.ceil(c1 * sx)))] = True
     return mask
 
 

@@ -22,6 +22,7 @@ from ..data.source import SlideRegionSource
 from ..data.tissue import TissueDetection
 from ..lightning.info import ModelInfo, model_info
 from ..lightning.auto_tile import auto_tile_size, parse_bytes
+from ..lightning.settings import TileSize
 from .explain import check_heatmap_kinds, explain
 from .geometry import HeatmapGrid, Pooler, Pooling
 from .records import Heatmap, SlidePrediction
@@ -77,12 +78,13 @@ def tile_sizes(
     saliency_tile_size: int | None,
     memory_budget: int | str | None,
     saliency: bool,
-) -> tuple[int, int | None]:
+) -> tuple[TileSize, TileSize | None]:
     """Forward and saliency tile sizes for an input of ``shape``. Given sizes win. Else,
     within ``memory_budget`` (default: a quarter of the memory available on the trunk's
-    device): the forward keeps no graph, so its tile is the largest whose live activations
-    fit (:func:`inference_tile_size`); saliency keeps one tile's graph, so its tile is
-    :func:`~lightning_streaming.auto_tile_size`'s (``tile_size`` when that is given)."""
+    device): the forward keeps no graph, so its tile is the one whose live activations fit
+    and that reads the least halo (:func:`inference_tile_size`: a square, or a strip); saliency keeps one tile's graph, so its tile is
+    :func:`~lightning_streaming.auto_tile_size`'s for half the budget (reading the region
+    and reducing its gradient hold about as much again), or ``tile_size`` when given."""
     trunk = model.streaming_split()[0]  # type: ignore[operator]
     parameter = next(iter(trunk.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -93,7 +95,8 @@ def tile_sizes(
     backward = saliency_tile_size if saliency_tile_size is not None else tile_size
     if backward is None:
         dtype = parameter.dtype if parameter is not None else torch.float32
-        backward = auto_tile_size(trunk, shape, budget, input_dtype=dtype, input_grad=True)
+        # Half the budget for the estimate: reading the region and reducing its gradient hold about as much again.
+        backward = auto_tile_size(trunk, shape, budget // 2, input_dtype=dtype, input_grad=True)
     return forward, backward
 
 
@@ -173,7 +176,8 @@ def predict_views(
     seconds = (time.perf_counter() - start) / max(1, len(views))
     predictions = []
     for n, (view, slide, grid) in enumerate(zip(views, slides, grids)):
-        prediction = prediction_from(info, view.path, probabilities_of(info, outputs[n]), targets[n] if targets else None)
+        target = targets[n] if targets else None
+        prediction = prediction_from(info, view.path, probabilities_of(info, outputs[n]), target)
         explained = prediction.label if info.task == "classification" else None
         if info.task == "regression":
             explained = next(iter(prediction.values or {}), None)

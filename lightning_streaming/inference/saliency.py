@@ -18,8 +18,9 @@ Reduction = Literal["max_abs", "l2"]
 
 #: How a pixel's gradient over its channels becomes one value: ``(N, C, h, w) -> (N, h, w)``.
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "max_abs": lambda g: g.abs().amax(dim=1),
-    "l2": lambda g: g.square().sum(dim=1).sqrt(),
+    # max |g| as max(max g, -min g): no full-size copy of the gradient
+    "max_abs": lambda g: torch.maximum(g.amax(dim=1), g.amin(dim=1).neg_()),
+    "l2": lambda g: torch.linalg.vector_norm(g, 2, dim=1),
 }
 
 
@@ -94,7 +95,8 @@ def streamed_saliency(
         (r0, r1), (c0, c1) = ((s.start, s.stop) for s in region)
         first_row, last_row = bisect.bisect_left(ys, r0), bisect.bisect_left(ys, r1)
         first_col, last_col = bisect.bisect_left(xs, c0), bisect.bisect_left(xs, c1)
-        if (r0, r1, c0, c1) != (ys[first_row], ys[min(last_row, len(ys) - 1)], xs[first_col], xs[min(last_col, len(xs) - 1)]):
+        borders = (ys[first_row], ys[min(last_row, len(ys) - 1)], xs[first_col], xs[min(last_col, len(xs) - 1)])
+        if (r0, r1, c0, c1) != borders:
             raise RuntimeError(f"internal error: region {region} does not follow the tile plan's borders")
         for i in range(first_row, last_row):
             for j in range(first_col, last_col):

@@ -85,13 +85,14 @@ class PredictionWriter(LightningTyped, lightning_base="callbacks.BasePredictionW
     ) -> None:
         if not isinstance(prediction, Mapping) or "slides" not in prediction:
             raise TypeError(
-                "PredictionWriter writes the outputs of StreamingMixin's default predict_step (a dict with 'slides' and "
-                f"'probabilities' or 'values'); {type(pl_module).__name__}.predict_step returned a "
+                "PredictionWriter writes the outputs of StreamingMixin's default predict_step (a dict with 'slides' "
+                f"and 'probabilities' or 'values'); {type(pl_module).__name__}.predict_step returned a "
                 f"{type(prediction).__name__}. Remove your predict_step override, or return that dict"
             )
-        predictions = self._heatmapped(pl_module, prediction, batch) if self.heatmaps else _from_outputs(
-            pl_module, prediction
-        )
+        if self.heatmaps:
+            predictions = self._heatmapped(pl_module, prediction, batch)
+        else:
+            predictions = _from_outputs(pl_module, prediction)
         names = _names([*self.predictions, *predictions])[len(self.predictions) :]
         for item, name in zip(predictions, names):
             _write_heatmaps(item, name, self.output_dir, self.opacity)
@@ -102,16 +103,18 @@ class PredictionWriter(LightningTyped, lightning_base="callbacks.BasePredictionW
     def _heatmapped(self, pl_module: Any, prediction: Mapping[str, Any], batch: Any) -> list[SlidePrediction]:
         images = getattr(batch, "images", batch[0] if isinstance(batch, (tuple, list)) else batch)
         views = getattr(batch, "slides", None)
-        if views is None:
+        slides = None  # opened from the views' paths
+        if views is None:  # plain images: heatmaps on their own pixels
             shape = tuple(int(n) for n in images.shape[2:])
             views = [SlideView(s, 1.0, None, ((0, shape[0]),), ((0, shape[1]),), (0, 0), shape, 0)
                      for s in prediction["slides"]]  # fmt: skip
+            slides = [None] * len(views)
         with torch.inference_mode(False), torch.enable_grad():  # Trainer.predict runs in inference mode
             if isinstance(images, Tensor) and images.is_inference():
                 images = images.clone()
             made = predict_views(
-                pl_module, images, views, targets=_target_names(pl_module, prediction), heatmaps=self.heatmaps,
-                heatmap_spacing=self.heatmap_spacing, tile_size=self.tile_size,
+                pl_module, images, views, slides=slides, targets=_target_names(pl_module, prediction),
+                heatmaps=self.heatmaps, heatmap_spacing=self.heatmap_spacing, tile_size=self.tile_size,
                 saliency_tile_size=self.saliency_tile_size, memory_budget=self.memory_budget,
             )  # fmt: skip
         for item, slide in zip(made, prediction["slides"]):
@@ -143,4 +146,5 @@ def _from_outputs(model: Any, prediction: Mapping[str, Any]) -> list[SlidePredic
     info = model_info(model)
     scores = prediction["values"] if "values" in prediction else prediction["probabilities"]
     targets = _target_names(model, prediction) or [None] * len(prediction["slides"])
-    return [prediction_from(info, slide, row, target) for slide, row, target in zip(prediction["slides"], scores.tolist(), targets)]
+    rows = zip(prediction["slides"], scores.tolist(), targets)
+    return [prediction_from(info, slide, row, target) for slide, row, target in rows]

@@ -64,7 +64,8 @@ class StreamingMixin:
     numbers either way. Training, validation, test and predict steps all stream; outside
     training no graph is kept.
 
-    Without a Trainer (plain PyTorch: ``model(x)``), an input larger than one tile
+    Outside a running Trainer (plain PyTorch ``model(x)``, or after ``fit`` has returned), an
+    input larger than one tile
     (``default_tile_size``, else 1024 px) or a lazy :class:`~lightning_streaming.RegionSource`
     is streamed, so a whole slide never runs through the trunk at once; smaller tensors run
     conventionally (one tile would be the same computation). Gradients flow either way.
@@ -158,7 +159,8 @@ class StreamingMixin:
                 logits = model(slide_batch)          # never the whole slide through the trunk
         """
         device = torch.device(tile_device) if tile_device is not None else None
-        with trunk_override(self, TrunkOverride(enabled=enabled, tile_size=tile_size, tile_device=device)):  # type: ignore[arg-type]
+        override = TrunkOverride(enabled=enabled, tile_size=tile_size, tile_device=device)
+        with trunk_override(self, override):  # type: ignore[arg-type]
             yield
 
     def forward_trunk(self, x: Tensor) -> Tensor:
@@ -176,8 +178,11 @@ class StreamingMixin:
             return settings.stream(trunk, x, device, transform=transform, default_tile_size=self.default_tile_size)
         if override is None:
             tile = self.default_tile_size if self.default_tile_size is not None else DEFAULT_TILE_SIZE
-            attached = getattr(self, "_trainer", None) is not None  # another strategy: conventional, as chosen
-            override = TrunkOverride(enabled=not attached and _larger_than(x, tile), tile_size=tile)
+            # Inside a running Trainer with another strategy: conventional, as chosen. Outside one
+            # (none attached, or its run has finished): streamed where the input is larger than a tile.
+            trainer = getattr(self, "_trainer", None)
+            running = getattr(getattr(trainer, "state", None), "status", None) == "running"
+            override = TrunkOverride(enabled=not running and _larger_than(x, tile), tile_size=tile)
         if not override.enabled:
             if is_region_source(x):  # a lazy input run conventionally is read whole, as a conventional run would
                 x = x.read(tuple(slice(0, n) for n in x.shape[2:]))
