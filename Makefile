@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo demo-stream segmentation test bench bench-budget bench-slide bench-inference predict-large bench-vs-lightstream equivalence resolution slide-level clean
+.PHONY: venv demo demo-stream serve segmentation test bench bench-budget bench-slide bench-inference predict-large bench-vs-lightstream equivalence resolution slide-level clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) examples/slide_demo.py
+
+# The web page on http://127.0.0.1:8000 (this machine only), serving the demo model; `make demo`
+# first when it has not been trained yet. Accounts, uploads and results go to results/serve/.
+DEMO_CKPT := results/demo/model.ckpt
+serve: venv
+	test -f $(DEMO_CKPT) || $(MAKE) demo
+	$(VENV)/bin/lightning-streaming serve --checkpoint $(DEMO_CKPT) --model examples.slide_demo:SlideClassifier \
+		--host 127.0.0.1 --port 8000 --data-dir results/serve
 
 demo-stream: venv
 	$(PY) examples/stream_demo.py

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_streaming.inference.command",
         "predict slides with a trained model; write predictions, heatmaps and overlays",
     ),
+    "serve": (
+        "lightning_streaming.serve.cli",
+        "a web page and JSON API: users upload images and see predictions and heatmaps",
+    ),
 }  # fmt: skip
 
 
