@@ -5,60 +5,16 @@ budget reads the fewest halo pixels."""
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch import nn
 
-from ..core import TileTooSmallError, tile_plan
+from ..core import TileTooSmallError, estimate_inference_memory, tile_plan
 
 __all__ = ["default_memory_budget", "estimate_inference_memory", "inference_tile_size"]
 
 _GiB = 2**30
-
-
-class _LivePeak(TorchDispatchMode):
-    """The largest total size of the tensors alive at once during a (meta-device) run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, size: int) -> None:
-        self.live -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view and not func.overloadpacket.__name__.endswith("_"):  # views and in-place: nothing new
-            for tensor in tree_leaves(out):
-                if isinstance(tensor, Tensor):
-                    size = tensor.numel() * tensor.element_size()
-                    self.live += size
-                    weakref.finalize(tensor, self._free, size)
-            self.peak = max(self.peak, self.live)
-        return out
-
-
-def estimate_inference_memory(module: nn.Module, region_shape: Sequence[int], dtype: torch.dtype | None = None) -> int:
-    """Estimated peak bytes of one tile's no-grad forward on an input region of
-    ``region_shape`` ``(N, C, *spatial)``: the region (in the trunk's dtype) plus the most
-    activation bytes alive at once, from a run on PyTorch's ``meta`` device (shapes only).
-    Also counts the region's raw pixels once more at one byte each (a uint8 slide region
-    before its tile transform). Leaves out allocator caching and convolution workspaces:
-    leave headroom."""
-    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
-    dtype = dtype or (parameter.dtype if parameter is not None else torch.float32)
-    stand_ins = {name: torch.empty_like(t, device="meta") for name, t in module.named_parameters()}
-    stand_ins.update({name: torch.empty_like(t, device="meta") for name, t in module.named_buffers()})
-    region = torch.empty(tuple(region_shape), dtype=dtype, device="meta")
-    tally = _LivePeak()
-    with torch.no_grad(), tally:
-        out = torch.func.functional_call(module, stand_ins, (region,))
-    del out
-    return region.numel() * (region.element_size() + 1) + tally.peak
 
 
 def default_memory_budget(device: torch.device | str | None = None) -> int:
