@@ -206,7 +206,9 @@ def plot(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    inference = sorted(_rows(results, "inference").items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    fig, axes = plt.subplots(1, 2 if inference else 1, figsize=(12 if inference else 6.5, 4.5), squeeze=False)
+    left = axes[0][0]
     rows = sorted(_rows(results, "main").items(), key=lambda kv: (kv[0][1], kv[0][0]))
     labels = [f"{n}\n{s}²" for (n, s), _ in rows]
     for offset, mode, colour in ((-0.2, "budget", "tab:blue"), (0.2, "per-tile", "tab:grey")):
@@ -220,11 +222,19 @@ def plot(results: list[Result], path: Path) -> None:
                 left.annotate(f"mem {m:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                               va="bottom", fontsize=7)  # fmt: skip
     left.axhline(1.0, color="black", lw=0.8)
+    left.set_ylim(0, 1.25 * max([1.0] + [bar.get_height() for bar in left.patches]))  # room for the legend
     left.set_xticks(range(len(labels)), labels, fontsize=8)
     left.set_ylabel("step time, streamed / conventional")
     left.set_title("Training step within half the conventional peak")
     left.legend(fontsize=8)
-    inference = sorted(_rows(results, "inference").items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    if inference:  # a run with --no-inference draws the training panel only
+        _plot_inference(axes[0][1], inference)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_inference(right, inference: list) -> None:  # type: ignore[no-untyped-def]
     names = [f"{n}\n{s}²" for (n, s), _ in inference]
     for offset, mode, colour in ((-0.2, "conventional", "tab:orange"), (0.2, "budget", "tab:blue")):
         values = [(n_s[1] ** 2 / 1e6) / m[mode].median("forward_s") if mode in m else 0 for n_s, m in inference]
@@ -234,7 +244,4 @@ def plot(results: list[Result], path: Path) -> None:
     right.set_ylabel("megapixels per second")
     right.set_title("Inference (no grad) within half the conventional peak")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
