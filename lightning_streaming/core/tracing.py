@@ -15,6 +15,16 @@ same spatial size (a reshape that splits or merges channels) or into a condition
 can be kept consistent with; used any other way (a padding amount, a number multiplied
 into the pixels, a position) the operation is refused.
 
+Why a dispatch mode over the user's own forward, not a graph from ``torch.export`` or
+``make_fx``: those must capture the whole trunk as one graph first, and fail or specialise
+on what real trunks do (forward hooks that collect features, as timm's feature wrappers
+do; Python branching on a shape; parametrizations; a user's module that calls C++). Here
+the trunk's own Python runs unchanged and only the operators it reaches are judged, so
+everything it can run on a tensor it can run on a fake one; each refusal can name the
+module and the source line being executed; and the same run serves the module hooks that
+map operators back to the user's modules (for messages, for the budget planner's cuts and
+for layer statistics).
+
 Each tensor the trunk computes from its input is followed by a :class:`Value`: the
 geometry node it belongs to and its :mod:`layout` (which dimensions are spatial). Tensors
 that are not followed are constants (parameters, buffers, numbers): the same in every tile.
