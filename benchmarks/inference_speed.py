@@ -6,9 +6,10 @@ network) and the ResNet-18 body (conv1 .. layer4, eval-mode BatchNorm), the trun
 under ``torch.no_grad()`` on one ``--size``² float32 image (batch 1), run either
 conventionally (``trunk(x)``) or streamed (``lightning_streaming.stream(trunk, x,
 tile_size)``, as ``ls.predict_slide`` runs it: no graph is kept, so tiles may be larger
-than in training) for each ``--tiles`` size; ``auto:BUDGET`` is the tile ``ls.predict_slide``
-chooses within that memory budget (``auto``: its default budget, a quarter of the memory
-available). Per run: the wall time of the forward
+than in training) for each ``--tiles`` size; ``auto:BUDGET`` is the plan ``ls.predict_slide``
+follows within that memory budget (``stream(memory_budget=...)``: the core's planner, which
+may stream only the trunk's first children and run the rest whole; ``auto``: inference's
+default budget, a quarter of the memory available). Per run: the wall time of the forward
 (``time.perf_counter``), the throughput in megapixels per second, and the peak resident
 memory of the process (``ru_maxrss``) over its idle baseline (torch imported, trunk built,
 runtime primed by a tiny forward, no image yet).
@@ -71,14 +72,16 @@ def child(spec_json: str) -> int:
     trunk, _ = build(run.network, run.seed)
     trunk.eval()
     shape = (1, 3, run.size, run.size)
-    tile = None if run.tile is None else int(run.tile) if run.tile.isdigit() else _auto_tile(trunk, shape, run.tile)
-    forward = trunk if tile is None else (lambda x: ls.stream(trunk, x, tile))
+    tile: Any = None if run.tile is None else int(run.tile) if run.tile.isdigit() else "auto"
+    options = {} if tile != "auto" else {"memory_budget": _budget(run.tile)}
+    forward = trunk if tile is None else (lambda x: ls.stream(trunk, x, tile, **options))
     probe = MemoryProbe(torch.device("cpu"))
     with torch.no_grad():
         forward(torch.randn(1, 3, 64, 64))  # threads, kernels and (streamed) the trunk's analysis
         idle = probe.current_mib()
         x = torch.randn(1, 3, run.size, run.size, generator=torch.Generator().manual_seed(run.seed + 1))
-        tiles = 1 if tile is None else len(ls.tile_plan(trunk, x.shape, tile))
+        plan = None if tile is None else ls.stream_plan(trunk, tuple(x.shape), tile, grad=False, **options)
+        tiles = 1 if plan is None else len(plan.tiles)
         start, cpu = time.perf_counter(), time.process_time()
         out = forward(x)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
@@ -87,7 +90,8 @@ def child(spec_json: str) -> int:
         "cpu_seconds": cpu_seconds,
         "megapixels_per_s": run.size**2 / seconds / 1e6,
         "tiles": tiles,
-        "tile_size": tile,
+        "tile_size": None if plan is None else plan.tile_size,
+        "split": None if plan is None or plan.split is None else plan.split[1],
         "output_shape": list(out.shape),
         "idle_mib": idle,
         "peak_mib": probe.peak_mib(),
@@ -99,12 +103,12 @@ def child(spec_json: str) -> int:
     return 0
 
 
-def _auto_tile(trunk: Any, shape: tuple[int, ...], spec: str) -> int:
-    from lightning_streaming.inference.tiles import default_memory_budget, inference_tile_size
-    from lightning_streaming.lightning.auto_tile import parse_bytes
+def _budget(spec: str) -> int:
+    """The bytes of ``auto[:BUDGET]``; plain ``auto``: inference's default budget."""
+    from lightning_streaming.core import parse_bytes
+    from lightning_streaming.inference.tiles import default_memory_budget
 
-    budget = parse_bytes(spec.partition(":")[2]) if ":" in spec else default_memory_budget()
-    return inference_tile_size(trunk, shape, budget)
+    return parse_bytes(spec.partition(":")[2]) if ":" in spec else default_memory_budget()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -150,7 +154,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             relative = [_relative(conventional, runs, key, tile) for key in ("seconds", "cpu_seconds")]
             name = "conventional" if tile is None else f"streamed, tile {tile}"
             if tile is not None and not tile.isdigit():
-                name += f" (= {runs[0]['tile_size']})"
+                split = runs[0].get("split")
+                name += f" (= {runs[0]['tile_size']}" + (f", children to {split} streamed" if split else "") + ")"
             lines.append(
                 f"| {network} | {name} | {runs[0]['tiles']} "
                 f"| {statistics.median(r['seconds'] for r in runs):.2f} "

@@ -133,6 +133,25 @@ def test_default_tile_sizes_fit_the_memory_budget(slide_path):
     np.testing.assert_allclose(small.heatmaps["saliency"].values, whole.heatmaps["saliency"].values, rtol=1e-5)
 
 
+def test_without_a_tile_size_the_planner_chooses_the_forward_within_the_budget(slide_path):
+    """The forward follows the core's plan for the budget (here: several tiles, the trunk's
+    last children run whole on the streamed part's output), and stays exact."""
+    model = double_model()
+    slide = ls.Slide(slide_path)
+    rows, cols = tissue_box(slide)
+    shape = (1, 3, rows.stop - rows.start, cols.stop - cols.start)
+    budget = 100_000  # bytes: far less than the whole box's forward, enough for a few tiles
+    plan = ls.stream_plan(model.trunk, shape, memory_budget=budget, grad=False, input_dtype=torch.uint8)
+    assert len(plan.tiles) > 1 and plan.split is not None
+    fractions = []
+    prediction = predict(model, slide_path, heatmaps=("cam",), tile_size=None, saliency_tile_size=None,
+                         memory_budget=budget, progress=fractions.append)  # fmt: skip
+    probabilities, heatmap = reference(model, slide, "cam")
+    assert prediction.probabilities == pytest.approx(dict(zip("abc", probabilities.tolist())), rel=1e-12)
+    np.testing.assert_allclose(prediction.heatmaps["cam"].values, heatmap, rtol=1e-5, atol=1e-7 * heatmap.max())
+    assert len(fractions) >= len(plan.tiles) and fractions[-1] == 1.0
+
+
 def test_a_plain_image_takes_the_model_spacing_and_outputs_are_written(tmp_path, slide_path):
     from PIL import Image
 

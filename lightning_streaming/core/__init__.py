@@ -6,7 +6,7 @@ Nothing here imports Lightning.
 from .budget import parse_bytes
 from .errors import NotLocalError, StreamingError, StreamingMismatchError, TileTooSmallError
 from .graph import TrunkGeometry, geometry_of
-from .memory import estimate_inference_memory, estimate_tile_memory
+from .memory import estimate_tile_memory
 from .tracing import expected_spatial_dims
 from .plan import Segment, TilePlan
 from .schedule import StreamPlan
@@ -24,7 +24,6 @@ __all__ = [
     "StreamPlan",
     "channel_moments",
     "device_speed",
-    "estimate_inference_memory",
     "estimate_tile_memory",
     "measure_speed",
     "nominal_speed",

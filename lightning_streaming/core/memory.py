@@ -300,16 +300,3 @@ def estimate_tile_memory(
     return sum(sizes) + 2 * max(sizes, default=0) + region_bytes * (2 if input_grad else 1)
 
 
-
-def estimate_inference_memory(
-    module: nn.Module, region_shape: Sequence[int], *, input_dtype: torch.dtype | None = None
-) -> int:
-    """Estimated peak bytes of one tile's forward without grad, for a trunk input region of
-    ``region_shape`` ``(N, C, *spatial)``: the region (at ``input_dtype``, default the
-    parameters' dtype) and the most activation bytes alive at once in a meta-device run,
-    plus the region's raw pixels once more at one byte each (a uint8 slide region before
-    its tile transform). Leaves out allocator caching and convolution workspaces: leave
-    headroom."""
-    trace, _, dtype, _, _ = _meta_run(module, region_shape, input_dtype or torch.float32, None, grad=False)
-    pixels = math.prod(region_shape)
-    return pixels * (element_size(input_dtype or dtype) + 1) + trace.peak

@@ -36,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: saliency cam)")  # fmt: skip
     parser.add_argument("--heatmap-spacing", type=float, help="um per heatmap pixel (default: about 1024 px on a "
                         "slide's long side)")  # fmt: skip
-    parser.add_argument("--tile-size", type=int, help="tile size of the streamed forward (default: the largest within "
-                        "--memory-budget)")  # fmt: skip
+    parser.add_argument("--tile-size", type=int, help="tile size of the streamed forward (default: the planner's "
+                        "fastest plan within --memory-budget)")  # fmt: skip
     parser.add_argument("--saliency-tile-size", type=int, help="tile size of the saliency backward (default: "
                         "--tile-size, else the largest within --memory-budget)")  # fmt: skip
-    parser.add_argument("--memory-budget", help="memory one tile may use when tile sizes are chosen, e.g. 2GiB "
+    parser.add_argument("--memory-budget", help="memory the streamed trunk may use when tiles are chosen, e.g. 2GiB "
                         "(default: a quarter of the memory available)")  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--base-spacing", type=float, help="um per pixel of images that record none (default: the "

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from ..core import RegionSource, tile_plan
+from ..core import RegionSource, stream_plan
 from ..lightning.mixin import TrunkOverride, trunk_override
 from ..lightning.settings import TileSize
 from .cam import find_location_weights, grad_cam
@@ -87,8 +87,9 @@ def explain(
     poolers: Sequence[Mapping[str, Pooler]],
     *,
     task: str = "classification",
-    tile_size: TileSize,
+    tile_size: TileSize | None,
     saliency_tile_size: TileSize,
+    memory_budget: int | None = None,
     reduction: str = "max_abs",
     targets: Sequence[int] | None = None,
     progress: Callable[[float], None] | None = None,
@@ -108,7 +109,9 @@ def explain(
         images: ``(N, C, H, W)``, a tensor or a lazy source (uint8 with the model's ``tile_transform``).
         poolers: per image, the heatmap kinds wanted and the :class:`Pooler` each goes to.
         task: ``"classification"``, ``"multilabel"`` or ``"regression"``.
-        tile_size: tile size of the forward pass (no graph is kept: it may be large).
+        tile_size: tile size of the forward pass (no graph is kept: it may be large); None:
+            the core's planner chooses the forward's tiles within ``memory_budget`` bytes
+            (it may stream only a Sequential trunk's first children and run the rest whole).
         saliency_tile_size: tile size of the saliency backward (one tile's graph at a time).
         reduction: how saliency reduces a pixel's channels (``"max_abs"`` or ``"l2"``).
         targets: the output index whose score the heatmaps explain, per image.
@@ -131,10 +134,12 @@ def explain(
     forward_share = 1 / 3 if "saliency" in kinds else 1.0
     source: Tensor | RegionSource = images
     if progress is not None:
-        tiles = len(tile_plan(trunk, images.shape, tile_size))
+        plan = stream_plan(trunk, tuple(images.shape), tile_size if tile_size is not None else "auto",
+                           memory_budget=memory_budget, grad=False, input_dtype=images.dtype, device=device)  # fmt: skip
+        tiles = len(plan.tiles)
         reads = iter(range(1, tiles + 1))
         source = _ProgressSource(images, lambda: progress(forward_share * min(next(reads, tiles), tiles) / tiles))
-    override = TrunkOverride(tile_size=tile_size, tile_device=device, capture=capture)
+    override = TrunkOverride(tile_size=tile_size, memory_budget=memory_budget, tile_device=device, capture=capture)
     with _eval_mode(model), trunk_override(model, override), torch.set_grad_enabled(needs_grad):
         outputs = model(source)
         if len(captured) != 1:

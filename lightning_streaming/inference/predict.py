@@ -26,7 +26,7 @@ from ..lightning.settings import TileSize
 from .explain import check_heatmap_kinds, explain
 from .geometry import HeatmapGrid, Pooler, Pooling
 from .records import Heatmap, SlidePrediction
-from .tiles import default_memory_budget, inference_tile_size
+from .tiles import default_memory_budget
 
 __all__ = ["predict_slide", "predict_slides", "predict_views"]
 
@@ -71,6 +71,15 @@ def _default_heatmap_spacing(size: tuple[int, int], spacing: float) -> float:
     return max(spacing, max(size) * spacing / DEFAULT_HEATMAP_SIDE)
 
 
+def inference_budget(model: nn.Module, memory_budget: int | str | None) -> int:
+    """``memory_budget`` in bytes; by default a quarter of the memory available on the
+    trunk's device (:func:`default_memory_budget`)."""
+    if memory_budget is not None:
+        return parse_bytes(memory_budget)
+    parameter = next(iter(model.streaming_split()[0].parameters()), None)  # type: ignore[operator]
+    return default_memory_budget(parameter.device if parameter is not None else torch.device("cpu"))
+
+
 def tile_sizes(
     model: nn.Module,
     shape: Sequence[int],
@@ -78,26 +87,26 @@ def tile_sizes(
     saliency_tile_size: int | None,
     memory_budget: int | str | None,
     saliency: bool,
-) -> tuple[TileSize, TileSize | None]:
-    """Forward and saliency tile sizes for an input of ``shape``. Given sizes win. Else,
-    within ``memory_budget`` (default: a quarter of the memory available on the trunk's
-    device): the forward keeps no graph, so its tile is the one whose live activations fit
-    and that reads the least halo (:func:`inference_tile_size`: a square, or a strip); saliency keeps one tile's graph, so its tile is
+) -> tuple[TileSize | None, TileSize | None]:
+    """Forward and saliency tile sizes for an input of ``shape``. Given sizes win.
+
+    The forward's None means: the core's planner chooses within ``memory_budget`` (see
+    :func:`inference_budget`), for a forward without a graph, whose tiles can be far larger
+    than a training step's; for a plain ``Sequential`` trunk it may stream only the first
+    children and run the rest whole on their small output, which reads the least halo.
+    Saliency keeps one tile's graph, so its tile is
     :func:`~lightning_streaming.auto_tile_size`'s for half the budget (reading the region
     and reducing its gradient hold about as much again), or ``tile_size`` when given."""
-    trunk = model.streaming_split()[0]  # type: ignore[operator]
-    parameter = next(iter(trunk.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    budget = parse_bytes(memory_budget) if memory_budget is not None else default_memory_budget(device)
-    forward = tile_size if tile_size is not None else inference_tile_size(trunk, shape, budget)
     if not saliency:
-        return forward, None
+        return tile_size, None
     backward = saliency_tile_size if saliency_tile_size is not None else tile_size
     if backward is None:
+        trunk = model.streaming_split()[0]  # type: ignore[operator]
+        parameter = next(iter(trunk.parameters()), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
-        # Half the budget for the estimate: reading the region and reducing its gradient hold about as much again.
+        budget = inference_budget(model, memory_budget)
         backward = auto_tile_size(trunk, shape, budget // 2, input_dtype=dtype, input_grad=True)
-    return forward, backward
+    return tile_size, backward
 
 
 def probabilities_of(info: ModelInfo, output: Tensor) -> list[float]:
@@ -171,7 +180,7 @@ def predict_views(
     start = time.perf_counter()
     outputs = explain(
         model, images, poolers, task=str(info.task), tile_size=forward_tile, saliency_tile_size=saliency_tile or 0,
-        reduction=reduction, progress=progress,
+        memory_budget=inference_budget(model, memory_budget), reduction=reduction, progress=progress,
     )  # fmt: skip
     seconds = (time.perf_counter() - start) / max(1, len(views))
     predictions = []
@@ -254,8 +263,8 @@ def predict_slide(
         heatmaps: which heatmaps to make (any of ``"saliency"``, ``"cam"``, ``"attention"``).
         heatmap_spacing: um per heatmap pixel; None: about 1024 px on the slide's long side.
         tile_size: tile size of the forward pass, and of the saliency pass when given.
-            Default: the largest tile within ``memory_budget`` (no graph is kept, so a
-            forward tile can be far larger than a training tile).
+            Default: the core's planner chooses within ``memory_budget`` (no graph is kept,
+            so a forward tile can be far larger than a training tile; see ``ls.stream_plan``).
         device: where the model runs (it is moved there); None: where it is.
         base_spacing: um per pixel to assume for an image that records none (default: the
             model's spacing).
@@ -264,8 +273,8 @@ def predict_slide(
             for the whole slide.
         saliency_tile_size: tile size of the saliency pass (default: ``tile_size``, else the
             largest whose tile-by-tile backward fits ``memory_budget``).
-        memory_budget: bytes (or ``"2GiB"``) one tile may use when the tile sizes are chosen
-            for you; default: a quarter of the memory available on the model's device.
+        memory_budget: bytes (or ``"2GiB"``) the streamed trunk may use when the tiles are
+            chosen for you; default: a quarter of the memory available on the model's device.
         reduction, pooling: see ``"saliency"`` above.
 
     Returns:

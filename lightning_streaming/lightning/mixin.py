@@ -26,6 +26,8 @@ class TrunkOverride:
     tile_size: TileSize | None = None
     tile_device: torch.device | None = None
     keep_graphs: int | None = None
+    #: Without ``tile_size``: the core's planner chooses the tiles within these bytes.
+    memory_budget: int | None = None
     #: Inference: stream without a graph, then hand the output to this function (which may
     #: record it and return a leaf that requires grad, for heatmaps).
     capture: Callable[[Any], Any] | None = None
@@ -190,8 +192,11 @@ class StreamingMixin:
         return self._stream_trunk(trunk, x, transform, override)
 
     def _stream_trunk(self, trunk: nn.Module, x: Any, transform: Any, override: TrunkOverride) -> Any:
-        tile = override.tile_size
-        if tile is None:
+        tile: Any = override.tile_size
+        options: dict[str, Any] = {} if override.keep_graphs is None else {"keep_graphs": override.keep_graphs}
+        if tile is None and override.memory_budget is not None:
+            tile, options["memory_budget"] = "auto", override.memory_budget
+        elif tile is None:
             tile = self.default_tile_size if self.default_tile_size is not None else DEFAULT_TILE_SIZE
         device = override.tile_device
         if device is None:
@@ -199,11 +204,10 @@ class StreamingMixin:
             device = parameter.device if parameter is not None else None
         if device is not None and isinstance(x, Tensor) and x.device == device:
             device = None  # the core checks that input and trunk agree
-        options = {} if override.keep_graphs is None else {"keep_graphs": override.keep_graphs}
         if override.capture is None:
             return stream(trunk, x, tile, tile_device=device, transform=transform, **options)
         with torch.no_grad():
-            features = stream(trunk, x, tile, tile_device=device, transform=transform)
+            features = stream(trunk, x, tile, tile_device=device, transform=transform, **options)
         return override.capture(features)
 
     def forward(self, x: Tensor) -> Any:
