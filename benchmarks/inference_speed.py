@@ -22,7 +22,7 @@ partly cancels), by wall time and by the process's CPU time (``time.process_time
 work done, which other jobs on a shared machine disturb far less than the wall time).
 The target: streamed throughput at least 0.9x the conventional one.
 
-    python benchmarks/inference_speed.py                 # 4096², tiles 1024 2048 4096, 3 repeats (~15 min, 2 cores)
+    python benchmarks/inference_speed.py                 # 4096², tiles 2048 auto:2GiB auto:1GiB auto, 3 repeats (~10 min, 2 cores)
     python benchmarks/inference_speed.py --quick         # 1024², 1 repeat: a smoke run
 
 Writes ``<out-dir>/inference_speed.md`` and ``inference_speed.json`` (default
@@ -114,8 +114,8 @@ def _budget(spec: str) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=4096, help="image side in pixels (default 4096)")
-    parser.add_argument("--tiles", nargs="+", default=["1024", "2048", "auto:2GiB", "auto"],
-                        help="streamed tile sizes, or auto[:BUDGET] (default: 1024 2048 auto:2GiB auto)")  # fmt: skip
+    parser.add_argument("--tiles", nargs="+", default=["2048", "auto:2GiB", "auto:1GiB", "auto"],
+                        help="streamed tile sizes, or auto[:BUDGET] (default: 2048 auto:2GiB auto:1GiB auto)")  # fmt: skip
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
