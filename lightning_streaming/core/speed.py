@@ -101,11 +101,12 @@ def nominal_speed(device: torch.device | str, dtype: torch.dtype = torch.float32
     (about a fifth of an AVX2 core's peak, what thin and wide convolutions average), moves
     50 GB/s within the last-level cache (its size read from Linux, else 8 MiB) and shares 10
     GB/s of memory bandwidth, page-faults fresh memory at 1 GB/s, and calls an operator in
-    20 microseconds with one thread, 5 ms with several (forking and joining the thread
-    pool: tens of microseconds on an idle machine, but milliseconds when other processes
-    share the cores and a descheduled thread holds up every operator: 8 to 30 ms a call
-    measured on this project's shared 2-core machine; so several threads favour fewer,
-    larger tiles); a GPU does 50 TFLOP/s in float32 (TF32 convolutions) and 200 in 16-bit
+    20 microseconds with one thread, 1 ms with several (forking and joining the thread
+    pool: about 10 microseconds measured on an idle 2-core machine, but 8 to 30 ms when
+    other processes share the cores and a descheduled thread holds up every operator; 1 ms
+    keeps tiles small enough to stay in the caches, which made the 2048² training steps of
+    benchmarks/budget_speed.py 5-10% faster than 5 ms did on the idle machine, while still
+    preferring fewer, larger tiles where the gain is small); a GPU does 50 TFLOP/s in float32 (TF32 convolutions) and 200 in 16-bit
     types, moves 2 TB/s (5 within its L2), reuses memory (caching allocator) and calls an
     operator in 20 microseconds (eager dispatch and launch)."""
     device = torch.device(device)
@@ -114,7 +115,7 @@ def nominal_speed(device: torch.device | str, dtype: torch.dtype = torch.float32
         return DeviceSpeed(flops, 2e12, 5e12, _cache_bytes(device), 0.0, 2**62, 20e-6)
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     fresh = 1e9 * threads if device.type == "cpu" else 0.0
-    per_op = 5e-3 if threads > 1 else 20e-6
+    per_op = 1e-3 if threads > 1 else 20e-6
     return DeviceSpeed(20e9 * threads, 10e9, 50e9 * threads, _cache_bytes(device), fresh, _reuse_bytes(), per_op)
 
 
