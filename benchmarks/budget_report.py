@@ -11,9 +11,11 @@ from bench_networks import NETWORK_LABELS
 from bench_report import Row, Verdict, _fmt, _load, aggregate, ok_results
 
 Result = dict[str, Any]
-# The default settings (tile 1024, keep_graphs=1) at 2048² in the README's quiet run, streamed / conventional.
-PREVIOUS_DEFAULTS = {"table1": 1.03, "vgg": 1.09}
-NOISE = 0.10
+# The default settings (tile 1024, keep_graphs=1) at 2048² in an earlier README run, streamed / conventional:
+# for reference only. The ratio moves with the machine's state from day to day (the conventional step
+# itself ran at 10.7 s then and 6.5 s since); whether streaming got slower is measured side by side
+# against the older code by benchmarks/compare_versions.py.
+EARLIER_DEFAULTS = {"table1": 1.03, "vgg": 1.09}
 TARGET_TIME_RATIO = 1.0
 TARGET_SPEEDUP = 1.5
 TARGET_PLAN_SECONDS = 0.5
@@ -82,7 +84,8 @@ def main_table(results: list[Result], peaks: list[dict[str, Any]]) -> str:
 
 def defaults_table(results: list[Result]) -> str:
     lines = [
-        "| network | image | tile, grid | streamed step | conventional step | time s/c (pairs) | before | memory s/c |",
+        "| network | image | tile, grid | streamed step | conventional step | time s/c (pairs) | an earlier day "
+        "| memory s/c |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (network, size), modes in sorted(_rows(results, "main").items()):
@@ -94,7 +97,7 @@ def defaults_table(results: list[Result]) -> str:
         lines.append(
             f"| {NETWORK_LABELS[network].split(' (')[0]} | {size}² | {r['tile_size']}, {grid} "
             f"| {row.median('step_s'):.2f} s | {conv.median('step_s'):.2f} s | {_ratio(row)} "
-            f"({', '.join(f'{v:.2f}' for v in row.time_ratios)}) | {PREVIOUS_DEFAULTS.get(network, '–')} "
+            f"({', '.join(f'{v:.2f}' for v in row.time_ratios)}) | {EARLIER_DEFAULTS.get(network, '–')} "
             f"| {_ratio(row, 'delta_ratios')} |"
         )
     return "\n".join(lines)
@@ -143,16 +146,6 @@ def verdicts(results: list[Result]) -> list[Verdict]:
             "resnet18 2048²: the planner against the per-tile rule of before (same budget)", value,
             f"≥ {TARGET_SPEEDUP}", value >= TARGET_SPEEDUP, f"paired ratios {[round(v, 2) for v in speedups]}.", 2,
         ))  # fmt: skip
-    for (network, size), modes in sorted(rows.items()):
-        row = modes.get("streamed")
-        if row is None or not row.time_ratios or network not in PREVIOUS_DEFAULTS:
-            continue
-        ratio, before = row.ratio(row.time_ratios), PREVIOUS_DEFAULTS[network]
-        found.append(Verdict(
-            f"{network} {size}² at the defaults (tile {row.first['tile_size']}, keep_graphs=1)", ratio,
-            f"≤ {before} + {NOISE} (README's quiet run)", ratio <= before + NOISE,
-            f"paired ratios {[round(v, 2) for v in row.time_ratios]}.", 2,
-        ))  # fmt: skip
     plans = [r for r in ok_results(results) if r["network"] == "resnet50" and r["mode"] == "budget" and "plan_s" in r]
     if plans:
         seconds = statistics.median(r["plan_s"] for r in plans)
@@ -187,6 +180,8 @@ def render(results: list[Result], peaks: list[dict[str, Any]], args: argparse.Na
         "## Targets",
         "\n".join(v.line() for v in verdicts(results)),
         "## Default settings (no budget)",
+        "For reference: the ratio follows the machine's state from day to day. Whether streaming itself got "
+        "slower is measured against the older code in one run: `python benchmarks/compare_versions.py OTHER_CHECKOUT`.",
         defaults_table(results),
     ]
     if any(r.get("role") == "inference" for r in results):
