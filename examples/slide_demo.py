@@ -187,10 +187,14 @@ def main() -> None:
           f"classes {info.classes}, spacing {info.spacing:g} um/px, normalisation mean "
           f"{[round(m, 3) for m in info.mean]}")  # fmt: skip
     start = time.perf_counter()
-    whole = ls.predict_slides(model, [slides.cmu_small_region, slides.small_svs], heatmaps=("saliency", "cam"))
+    heatmaps = ("saliency", "cam")
+    whole = [
+        ls.predict_slide(model, slides.cmu_small_region, heatmaps=heatmaps),  # its tissue's bounding box only
+        ls.predict_slide(model, slides.small_svs, heatmaps=heatmaps, tissue=None),  # blank by design: all of it
+    ]
     written = ls.write_predictions(whole, args.results)
-    print(f"whole-slide prediction (tissue only, at {info.spacing:g} um/px, streamed in tiles; saliency and Grad-CAM "
-          f"heatmaps) took {time.perf_counter() - start:.1f} s:")  # fmt: skip
+    print(f"whole-slide prediction (at {info.spacing:g} um/px, streamed in tiles: the H&E slide's tissue, the blank "
+          f"slide whole; saliency and Grad-CAM heatmaps) took {time.perf_counter() - start:.1f} s:")  # fmt: skip
     for prediction in whole:
         shown = ", ".join(f"P({k}) = {v:.3f}" for k, v in prediction.probabilities.items())
         print(f"  {Path(prediction.slide).name:<24} -> {prediction.label!r:<9} ({shown})")

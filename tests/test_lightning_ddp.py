@@ -29,7 +29,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_lightning_helpers import RankData, TinyClassifier, join_as_torchrun_rank, tiny_trunk, trainer_kwargs
+from test_lightning_helpers import (
+    RankData,
+    TinyClassifier,
+    join_as_torchrun_rank,
+    leave_process_group,
+    tiny_trunk,
+    trainer_kwargs,
+)
 
 import lightning_streaming as ls
 
@@ -95,6 +102,7 @@ def torchrun_style_worker(local_rank: int, root: str, port: int) -> None:
         except Exception:
             (Path(root) / name).mkdir(parents=True, exist_ok=True)
             (Path(root) / name / f"rank{local_rank}.error").write_text(traceback.format_exc())
+    leave_process_group()
 
 
 @pytest.fixture(scope="module")

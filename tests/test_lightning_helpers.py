@@ -185,3 +185,11 @@ def join_as_torchrun_rank(local_rank: int, port: int, world_size: int = 2) -> No
         RANK=str(local_rank), LOCAL_RANK=str(local_rank),
     )  # fmt: skip
     torch.set_num_threads(1)
+
+
+def leave_process_group() -> None:
+    """Destroy the worker's process group before it exits: gloo's threads still running when
+    the interpreter shuts down can abort the process ("terminate called without an active
+    exception", SIGABRT), failing a run that had succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

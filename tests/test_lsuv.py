@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import lightning_streaming as ls
 from lightning_streaming.lightning.channel_moments_metric import ChannelMomentsMetric
-from test_lightning_helpers import join_as_torchrun_rank
+from test_lightning_helpers import join_as_torchrun_rank, leave_process_group
 
 
 def small_trunk(bias: bool = True) -> nn.Sequential:
@@ -447,6 +447,8 @@ def ddp_worker(local_rank: int, root: str, port: int) -> None:
         trainer.fit(ddp_model(root), RankLoader())
     except Exception:
         Path(root, f"rank{local_rank}.error").write_text(traceback.format_exc())
+    finally:
+        leave_process_group()
 
 
 @pytest.mark.slow
