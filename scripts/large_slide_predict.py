@@ -42,7 +42,7 @@ def peak_gib() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=51200, help="slide side in pixels at 0.5 um/px")
-    parser.add_argument("--memory-budget", default="512MiB", help="what one tile may use (default 512MiB)")
+    parser.add_argument("--memory-budget", default="512MiB", help="what the streamed trunk may use (default 512MiB)")
     parser.add_argument("--heatmaps", nargs="*", default=["saliency", "cam"])
     parser.add_argument("--data", type=Path, default=REPO / ".data")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "large_slide")
