@@ -6,6 +6,7 @@ test_core_exactness.py, beside the same tests without batching."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -226,3 +227,23 @@ def test_only_plain_sequential_trunks_are_split():
     assert chain_of(hooked) == []  # its hook would not run on the parts
     fixed = ls.stream_plan(trunk, (2, 3, 320, 280), 160, memory_budget="64MiB")
     assert fixed.split is None and fixed.tile_size == (160, 160)  # an explicit tile is for the whole trunk
+
+
+def test_a_region_read_in_another_dtype_counts_its_converted_copy():
+    """A uint8 slide region becomes a float tile (the tile transform) before the trunk sees it:
+    both are alive at once, so a forward plan for uint8 input must leave room for both (a
+    51200² slide's forward tiles overran a 512 MiB budget fourfold when only the uint8
+    region was counted)."""
+    from lightning_streaming.core.memory import profile_tile
+
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 4, stride=4))
+    raw = profile_tile(trunk, (1, 3, 32, 32), input_dtype=torch.uint8)
+    same = profile_tile(trunk, (1, 3, 32, 32), input_dtype=torch.float32)
+    assert same.input == 3 * 4 and raw.input == 3 * (1 + 4)
+    shape = (1, 3, 4000, 3000)
+    as_uint8 = ls.stream_plan(trunk, shape, memory_budget="64MiB", grad=False, input_dtype=torch.uint8)
+    as_float = ls.stream_plan(trunk, shape, memory_budget="64MiB", grad=False, input_dtype=torch.float32)
+    assert len(as_uint8.tiles) >= len(as_float.tiles)
+    assert len(as_uint8.tiles) > 1
+    region = 3 * (1 + 4) * math.prod(as_uint8.tiles.largest_region)  # the uint8 region and its float copy
+    assert region < 64 * 2**20

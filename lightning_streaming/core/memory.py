@@ -123,7 +123,8 @@ class TileProfile:
     ``ops``: every operator, with the bytes it allocates (autograd may keep any of them);
     ``saved``: the bytes autograd keeps from the forward for the backward (what a kept
     graph holds), with the tile's outputs; ``no_grad_peak``: the most bytes alive at once
-    in a forward without grad; ``input``: the region itself, at the input's dtype.
+    in a forward without grad; ``input``: the region itself, at the input's dtype, and its
+    converted copy where the trunk computes in another dtype (see :func:`_region_bytes`).
     ``reference``: the region shape the run used; ``channels``: each output's channels;
     ``cuts``: where the trunk's chain of children may be cut (see :meth:`prefix`).
     """
@@ -236,6 +237,17 @@ def _meta_run(
     return trace, saved, activation_dtype, channels, marks
 
 
+def _region_bytes(module: nn.Module, input_dtype: torch.dtype) -> int:
+    """Bytes per input value of a tile's region: as read, plus its converted copy where the
+    trunk computes in another dtype (a uint8 slide region and its normalised float tile,
+    which the tile transform makes before the trunk sees it)."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    size = element_size(input_dtype)
+    if param is not None and param.dtype != input_dtype:
+        size += element_size(param.dtype)
+    return size
+
+
 def profile_tile(
     module: nn.Module,
     region_shape: Sequence[int],
@@ -252,7 +264,7 @@ def profile_tile(
     pixels = math.prod(region_shape[2:]) * region_shape[0]
     trace, _, _, _, free = _meta_run(module, region_shape, input_dtype, activation_dtype, False, chain)
     _, saved, _, channels, kept = _meta_run(module, region_shape, input_dtype, activation_dtype, True, chain)
-    input_bytes = math.prod(region_shape[1:]) * region_shape[0] * element_size(input_dtype)
+    input_bytes = math.prod(region_shape[1:]) * region_shape[0] * _region_bytes(module, input_dtype)
     cuts: tuple[Cut, ...] = ()
     if len(free) == len(kept) == len(chain):  # each child ran once
         cuts = tuple(
