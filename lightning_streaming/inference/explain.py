@@ -133,13 +133,14 @@ def explain(
     device = _device_of(trunk)
     forward_share = 1 / 3 if "saliency" in kinds else 1.0
     source: Tensor | RegionSource = images
+    budget = memory_budget if tile_size is None else None  # an explicit tile is followed as given
     if progress is not None:
         plan = stream_plan(trunk, tuple(images.shape), tile_size if tile_size is not None else "auto",
-                           memory_budget=memory_budget, grad=False, input_dtype=images.dtype, device=device)  # fmt: skip
+                           memory_budget=budget, grad=False, input_dtype=images.dtype, device=device)  # fmt: skip
         tiles = len(plan.tiles)
         reads = iter(range(1, tiles + 1))
         source = _ProgressSource(images, lambda: progress(forward_share * min(next(reads, tiles), tiles) / tiles))
-    override = TrunkOverride(tile_size=tile_size, memory_budget=memory_budget, tile_device=device, capture=capture)
+    override = TrunkOverride(tile_size=tile_size, memory_budget=budget, tile_device=device, capture=capture)
     with _eval_mode(model), trunk_override(model, override), torch.set_grad_enabled(needs_grad):
         outputs = model(source)
         if len(captured) != 1:
