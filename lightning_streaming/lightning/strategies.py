@@ -6,6 +6,7 @@ Each is written once and built for ``lightning.pytorch`` and ``pytorch_lightning
 
 from __future__ import annotations
 
+import atexit
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -200,6 +201,15 @@ class StreamingDDPStrategy(_StreamingParts, LightningTyped, lightning_base="stra
             )
         super().setup(trainer)
 
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        if self._process_group_backend == "gloo":
+            # Lightning destroys an NCCL group at exit but leaves a gloo one alive, and gloo's threads still
+            # running when the interpreter shuts down can abort the process (SIGABRT, "terminate called without
+            # an active exception") after a successful fit, which the spawn launcher then reports as a crash.
+            atexit.unregister(_leave_process_group)  # once, however many fits the process runs
+            atexit.register(_leave_process_group)
+
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         for name, start_method in ((cls.strategy_name, "popen"), (f"{cls.strategy_name}_spawn", "spawn")):
@@ -210,6 +220,12 @@ class StreamingDDPStrategy(_StreamingParts, LightningTyped, lightning_base="stra
                 override=True,
                 start_method=start_method,
             )
+
+
+def _leave_process_group() -> None:
+    """Destroy this process's default process group, if it still exists."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _is_overridden(strategy: _StreamingParts, method: str, owner: Any) -> bool:
