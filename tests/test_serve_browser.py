@@ -54,6 +54,14 @@ def test_register_log_in_upload_and_read_the_result(browser, example_slides, tmp
     image = region_png(example_slides.cmu_small_region, app, tmp_path / "cmu_small_region.png")
     wait = WebDriverWait(browser, 180)
 
+    def click_and_load(selector: str, by: str = By.CSS_SELECTOR) -> None:
+        """Click and wait until the next page has replaced this one, so that no wait below
+        reads an element of the page being left (Chromium then answers "Node with given id
+        does not belong to the document", which WebDriverWait does not retry)."""
+        page = browser.find_element(By.TAG_NAME, "main")
+        browser.find_element(by, selector).click()
+        wait.until(ec.staleness_of(page))
+
     def fill(fields: dict[str, str]) -> None:
         for name, value in fields.items():
             element = browser.find_element(By.NAME, name)
@@ -67,24 +75,24 @@ def test_register_log_in_upload_and_read_the_result(browser, example_slides, tmp
             assert name in browser.find_element(By.CSS_SELECTOR, "dl.facts").text
         browser.save_screenshot(str(SHOTS / "home.png"))
 
-        browser.find_element(By.LINK_TEXT, "Register").click()
+        click_and_load("Register", By.LINK_TEXT)
         fill({"username": "pathologist", "password": PASSWORD, "confirm": PASSWORD})
-        browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        click_and_load("form.card button[type=submit]")
         wait.until(ec.url_contains("/upload"))
-        browser.find_element(By.CSS_SELECTOR, "header button.link").click()  # log out
+        click_and_load("header button.link")  # log out
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "main"), "You have logged out."))
 
-        browser.find_element(By.LINK_TEXT, "Log in").click()
+        click_and_load("Log in", By.LINK_TEXT)
         fill({"username": "pathologist", "password": "not the password"})
-        browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        click_and_load("form.card button[type=submit]")
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "form.card"), "Wrong user name or password."))
         fill({"username": "pathologist", "password": PASSWORD})
-        browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        click_and_load("form.card button[type=submit]")
         wait.until(ec.url_contains("/upload"))
         browser.save_screenshot(str(SHOTS / "upload.png"))
 
         browser.find_element(By.NAME, "file").send_keys(str(image))
-        browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
+        click_and_load("form.card button[type=submit]")
         wait.until(ec.url_contains("/predictions/"))
         label = wait.until(ec.visibility_of_element_located((By.ID, "label"))).text
         assert label in classes
@@ -113,6 +121,6 @@ def test_register_log_in_upload_and_read_the_result(browser, example_slides, tmp
         browser.find_element(By.ID, "show").click()
         assert heat.is_displayed()
 
-        browser.find_element(By.LINK_TEXT, "My results").click()
+        click_and_load("My results", By.LINK_TEXT)
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "table.history"), "cmu_small_region.png"))
         browser.save_screenshot(str(SHOTS / "history.png"))
