@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from large_slide_step import REPO, Classifier, build_slide  # noqa: E402
 
 import lightning_streaming as ls  # noqa: E402
-from lightning_streaming.inference.predict import inference_budget, tile_sizes  # noqa: E402
+from lightning_streaming.inference.predict import inference_budget, saliency_tile_size_for  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -91,9 +91,9 @@ def main() -> int:
         elapsed, cpu = time.perf_counter() - start, time.process_time() - marks[1]
     (r0, r1), (c0, c1) = prediction.region
     shape = (1, 3, r1 - r0, c1 - c0)
-    _, saliency_tile = tile_sizes(model, shape, None, None, args.memory_budget, "saliency" in args.heatmaps)
-    forward_plan = ls.stream_plan(model.trunk, shape, memory_budget=inference_budget(model, args.memory_budget),
-                                  grad=False, input_dtype=torch.uint8)  # fmt: skip
+    budget = inference_budget(model, args.memory_budget)
+    saliency_tile = saliency_tile_size_for(model, shape, None, None, budget) if "saliency" in args.heatmaps else None
+    forward_plan = ls.stream_plan(model.trunk, shape, memory_budget=budget, grad=False, input_dtype=torch.uint8)
     print(f"tissue box: {c1 - c0} x {r1 - r0} px ({(r1 - r0) * (c1 - c0) / 1e9:.2f} gigapixels, as float32 "
           f"{12 * (r1 - r0) * (c1 - c0) / 2**30:.1f} GiB); memory budget {args.memory_budget}: forward: {forward_plan}"
           + (f", saliency tiles of {saliency_tile} px ({len(ls.tile_plan(model.trunk, shape, saliency_tile))} tiles)"

@@ -80,33 +80,27 @@ def inference_budget(model: nn.Module, memory_budget: int | str | None) -> int:
     return default_memory_budget(parameter.device if parameter is not None else torch.device("cpu"))
 
 
-def tile_sizes(
-    model: nn.Module,
-    shape: Sequence[int],
-    tile_size: int | None,
-    saliency_tile_size: int | None,
-    memory_budget: int | str | None,
-    saliency: bool,
-) -> tuple[TileSize | None, TileSize | None]:
-    """Forward and saliency tile sizes for an input of ``shape``. Given sizes win.
+def saliency_tile_size_for(
+    model: nn.Module, shape: Sequence[int], tile_size: TileSize | None, saliency_tile_size: TileSize | None,
+    budget: int,
+) -> TileSize:
+    """The saliency pass's tile for an input of ``shape``: ``saliency_tile_size``, else
+    ``tile_size``, else :func:`~lightning_streaming.auto_tile_size`'s for half of ``budget``
+    bytes (the pass keeps one tile's graph; reading the region and reducing its gradient
+    hold about as much again).
 
-    The forward's None means: the core's planner chooses within ``memory_budget`` (see
-    :func:`inference_budget`), for a forward without a graph, whose tiles can be far larger
-    than a training step's; for a plain ``Sequential`` trunk it may stream only the first
-    children and run the rest whole on their small output, which reads the least halo.
-    Saliency keeps one tile's graph, so its tile is
-    :func:`~lightning_streaming.auto_tile_size`'s for half the budget (reading the region
-    and reducing its gradient hold about as much again), or ``tile_size`` when given."""
-    if not saliency:
-        return tile_size, None
-    backward = saliency_tile_size if saliency_tile_size is not None else tile_size
-    if backward is None:
-        trunk = model.streaming_split()[0]  # type: ignore[operator]
-        parameter = next(iter(trunk.parameters()), None)
-        dtype = parameter.dtype if parameter is not None else torch.float32
-        budget = inference_budget(model, memory_budget)
-        backward = auto_tile_size(trunk, shape, budget // 2, input_dtype=dtype, input_grad=True)
-    return tile_size, backward
+    The forward needs no such rule: without ``tile_size`` the core's planner chooses its
+    tiles within the budget (a forward without a graph, whose tiles can be far larger than
+    a training step's; for a plain ``Sequential`` trunk it may stream only the first
+    children and run the rest whole on their small output)."""
+    if saliency_tile_size is not None:
+        return saliency_tile_size
+    if tile_size is not None:
+        return tile_size
+    trunk = model.streaming_split()[0]  # type: ignore[operator]
+    parameter = next(iter(trunk.parameters()), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    return auto_tile_size(trunk, shape, budget // 2, input_dtype=dtype, input_grad=True)
 
 
 def probabilities_of(info: ModelInfo, output: Tensor) -> list[float]:
@@ -163,8 +157,9 @@ def predict_views(
     """
     info = model_info(model)
     kinds = check_heatmap_kinds(heatmaps, model.streaming_split()[1])  # type: ignore[operator]
-    forward_tile, saliency_tile = tile_sizes(
-        model, images.shape, tile_size, saliency_tile_size, memory_budget, "saliency" in kinds
+    budget = inference_budget(model, memory_budget)
+    saliency_tile = (
+        saliency_tile_size_for(model, images.shape, tile_size, saliency_tile_size, budget) if "saliency" in kinds else 0
     )
     if slides is None:
         slides = [Slide(v.path, base_spacing=v.base_spacing) if os.path.isfile(v.path) else None for v in views]
@@ -179,8 +174,8 @@ def predict_views(
         poolers.append({k: Pooler(grid, rows, cols, pooling if k == "saliency" else "mean") for k in kinds})
     start = time.perf_counter()
     outputs = explain(
-        model, images, poolers, task=str(info.task), tile_size=forward_tile, saliency_tile_size=saliency_tile or 0,
-        memory_budget=inference_budget(model, memory_budget), reduction=reduction, progress=progress,
+        model, images, poolers, task=str(info.task), tile_size=tile_size, saliency_tile_size=saliency_tile,
+        memory_budget=budget, reduction=reduction, progress=progress,
     )  # fmt: skip
     seconds = (time.perf_counter() - start) / max(1, len(views))
     predictions = []
