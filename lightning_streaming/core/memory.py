@@ -174,6 +174,12 @@ class TileProfile:
         return TileProfile(self.reference, self.channels, self.saved - cut.saved, 3 * largest, cut.output, rest)
 
 
+def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype the trunk computes in: its first floating-point parameter's."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return param.dtype if param is not None else None
+
+
 def _stand_ins(module: nn.Module, grad: bool) -> tuple[dict[str, Tensor], torch.dtype | None]:
     """Meta-device stand-ins of the parameters and buffers: the trunk itself is untouched."""
     stand_ins = {
@@ -181,8 +187,7 @@ def _stand_ins(module: nn.Module, grad: bool) -> tuple[dict[str, Tensor], torch.
         for name, t in module.named_parameters()
     }
     stand_ins.update({name: torch.empty_like(t, device="meta") for name, t in module.named_buffers()})
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return stand_ins, param.dtype if param is not None else None
+    return stand_ins, _parameter_dtype(module)
 
 
 def _meta_run(
@@ -241,10 +246,10 @@ def _region_bytes(module: nn.Module, input_dtype: torch.dtype) -> int:
     """Bytes per input value of a tile's region: as read, plus its converted copy where the
     trunk computes in another dtype (a uint8 slide region and its normalised float tile,
     which the tile transform makes before the trunk sees it)."""
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype = _parameter_dtype(module)
     size = element_size(input_dtype)
-    if param is not None and param.dtype != input_dtype:
-        size += element_size(param.dtype)
+    if dtype is not None and dtype != input_dtype:
+        size += element_size(dtype)
     return size
 
 
