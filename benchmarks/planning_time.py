@@ -23,18 +23,21 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from child_process import run_measurement  # noqa: E402
+
+RESULT_PREFIX = "PLANNING_TIME_RESULT "
 STEPS = ("first plan", "new tile size", "same structure", "budget plan")
 
 
 def child(network: str, size: int, tile: int, budget: str) -> dict[str, tuple[float, float]]:
     """Each step's (wall, CPU) seconds, in a process that has built nothing before."""
-    sys.path.insert(0, str(HERE))
     import lightning_streaming as ls
     from bench_networks import NETWORKS
 
@@ -66,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         network, size, tile, budget = args.child
-        print(json.dumps(child(network, int(size), int(tile), budget)))
+        print(RESULT_PREFIX + json.dumps(child(network, int(size), int(tile), budget)))
         return 0
     runs: dict[str, list[dict[str, list[float]]]] = {n: [] for n in args.networks}
     for repeat in range(args.repeats):
         for network in args.networks:  # interleaved: a noisy moment touches every network alike
             command = [sys.executable, __file__, "--child", network, str(args.size), str(args.tile), args.budget]
-            done = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
-            runs[network].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            result = run_measurement(command, RESULT_PREFIX, {"network": network}, 600, os.environ)
+            if "error" in result:
+                raise SystemExit(f"{network}: {result['error']}")
+            runs[network].append(result)
             print(f"repeat {repeat + 1}/{args.repeats} {network}: {runs[network][-1]}", file=sys.stderr)
     lines = [
         f"# Planning time, each run a fresh process ({args.size}² image, tile {args.tile}, budget {args.budget}; "
